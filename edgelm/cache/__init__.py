@@ -1,0 +1,14 @@
+"""Per-layer caches. Every cache follows one small protocol, so generation, speculative decoding
+and batching work the same on every architecture:
+
+    offset            tokens seen so far (in the padded coordinates of the batch)
+    left_pad          (B,) LongTensor of left-padding per row, or None
+    update(...)       append this step's state and return what the layer attends to
+    trim(n)           forget the last n tokens (speculative rollback); returns n trimmed
+    snapshot()        an opaque state; restore(state) goes back to it
+    nbytes            bytes of memory the cache holds
+"""
+
+from edgelm.cache.kv import KVCache, SlidingWindowKVCache
+
+__all__ = ["KVCache", "SlidingWindowKVCache"]

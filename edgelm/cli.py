@@ -1,0 +1,158 @@
+"""`edgelm <command>`: one dispatcher, one small function per subcommand."""
+
+import argparse
+import json
+import sys
+
+DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct Q4_1, see edgelm.hub
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, .gguf, llama2.c .bin, or 'default'")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file/folder if not beside the model")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgelm", description="Fast small language models on your device.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    add_model_args(gen)
+    add_sampling_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
+    chat = sub.add_parser("chat", help="interactive chat (streaming)")
+    add_model_args(chat)
+    add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    ins = sub.add_parser("inspect", help="show a model's config, parameter count and weight types")
+    add_model_args(ins)
+    ins.add_argument("--json", action="store_true")
+    return parser
+
+
+def load_from_args(args):
+    import torch
+
+    from edgelm.config import set_threads
+    from edgelm.hub import resolve_model
+    from edgelm.loader import load
+
+    set_threads(args.threads)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    return load(resolve_model(args.model), dtype=dtype, tokenizer_path=args.tokenizer)
+
+
+def sampling_from_args(args) -> dict:
+    import torch
+
+    from edgelm.sampling import make_logits_processors, make_sampler
+
+    gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    if args.max_tokens <= 0:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    return {
+        "max_tokens": args.max_tokens,
+        "sampler": make_sampler(args.temperature, args.top_p, args.top_k, args.min_p, gen),
+        "logits_processors": make_logits_processors(args.repetition_penalty),
+        "stop": args.stop,
+    }
+
+
+def cmd_generate(args) -> None:
+    from edgelm.generate import stream_generate
+
+    model = load_from_args(args)
+    kwargs = sampling_from_args(args)
+    parts, last = [], None
+    for last in stream_generate(model, args.prompt, chat=args.chat, ignore_eos=args.ignore_eos, **kwargs):
+        parts.append(last.text)
+        if not args.json:
+            print(last.text, end="", flush=True)
+    if args.json:
+        print(json.dumps(result_json("".join(parts), last), indent=2))
+    else:
+        print()
+        print(
+            f"[{last.prompt_tokens} prompt tokens, {last.generated_tokens} generated; "
+            f"prefill {last.prefill_tok_s:.1f} tok/s, decode {last.decode_tok_s:.1f} tok/s, "
+            f"peak RSS {last.peak_rss_mb:.0f} MB]",
+            file=sys.stderr,
+        )
+
+
+def result_json(text: str, last) -> dict:
+    return {
+        "text": text,
+        "finish_reason": last.finish_reason,
+        "prompt_tokens": last.prompt_tokens,
+        "generated_tokens": last.generated_tokens,
+        "ttft_s": round(last.ttft_s, 6),
+        "prefill_tok_s": round(last.prefill_tok_s, 2),
+        "decode_tok_s": round(last.decode_tok_s, 2),
+        "peak_rss_mb": round(last.peak_rss_mb, 1),
+    }
+
+
+def cmd_chat(args) -> None:
+    from edgelm.generate import stream_generate
+
+    model = load_from_args(args)
+    kwargs = sampling_from_args(args)
+    tok = model.tokenizer
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("edgelm chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input(">>> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        reply = []
+        for r in stream_generate(model, ids, **kwargs):
+            reply.append(r.text)
+            print(r.text, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_inspect(args) -> None:
+    from edgelm.inspect import describe
+
+    model = load_from_args(args)
+    info = describe(model)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    for key, value in info.items():
+        print(f"{key:>24}: {value}")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except ValueError as e:
+        print(f"edgelm: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,39 @@
+"""Runtime knobs: threads and the default compute dtype for this machine."""
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_fast_bf16() -> bool:
+    """True where bf16 matmuls run on hardware (AVX512-BF16 or AMX), i.e. faster than fp32."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def default_dtype() -> torch.dtype:
+    return torch.bfloat16 if has_fast_bf16() else torch.float32
+
+
+def physical_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_threads(n: int | None) -> int:
+    n = n or physical_cores()
+    if n <= 0:
+        raise ValueError(f"--threads must be positive, got {n}")
+    torch.set_num_threads(n)
+    return n

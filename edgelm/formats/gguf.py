@@ -1,0 +1,220 @@
+"""GGUF files: metadata as plain Python values and tensors as raw (possibly quantized) blocks.
+
+The file is memory-mapped by the `gguf` package; nothing here copies a tensor until asked. Quantized
+tensors stay as their raw GGML blocks (`GGUFTensor.data`, uint8 rows) so the quantized linears can
+repack them without going through fp32.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor as stored: `shape` in PyTorch order (rows, cols); `data` the raw numpy view."""
+
+    name: str
+    type_name: str  # GGML type name: "F32", "Q4_1", ...
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.type_name not in ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def to_torch(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantize (if needed) to a dense tensor of `shape`."""
+        import gguf
+
+        if self.type_name == "BF16":
+            raw = torch.from_numpy(np.ascontiguousarray(self.data).view(np.int16))
+            return raw.view(torch.bfloat16).reshape(self.shape).to(dtype)
+        if self.is_quantized:
+            qtype = gguf.GGMLQuantizationType[self.type_name]
+            arr = gguf.quants.dequantize(self.data, qtype)
+        else:
+            arr = np.array(self.data)  # copy: the memory map is read-only
+        return torch.from_numpy(np.ascontiguousarray(arr)).reshape(self.shape).to(dtype)
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict[str, object]
+    tensors: dict[str, GGUFTensor]
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+
+def _field_value(field):
+    from gguf import GGUFValueType
+
+    value = field.contents()
+    if field.types and field.types[0] == GGUFValueType.ARRAY and not isinstance(value, list):
+        value = list(value)
+    return value
+
+
+def check_header(path: Path) -> None:
+    """Fail early with a clear message on files that are not GGUF at all."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Open a GGUF file; raises ValueError naming the problem for truncated or corrupt files."""
+    import gguf
+
+    path = Path(path)
+    check_header(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises assorted errors on damaged files
+        raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
+    metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        metadata[key] = _field_value(field)
+    tensors = {}
+    for t in reader.tensors:
+        # GGUF lists dims fastest-first; PyTorch wants (rows, cols).
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, t.data)
+    return GGUFFile(path, metadata, tensors)
+
+
+# GGUF architecture -> Hugging Face model_type
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "granite": "granite",
+    "minicpm": "minicpm",
+    "gemma3": "gemma3_text",
+}
+# llama.cpp permutes Q/K rows to interleaved RoPE pairs for these archs; we undo it.
+PERMUTED_QK = {"llama", "granite", "minicpm"}
+
+# "{arch}.<key>" -> config.json field
+GGUF_CONFIG_KEYS = {
+    "block_count": "num_hidden_layers",
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.key_length": "head_dim",
+    "attention.sliding_window": "sliding_window",
+    "rope.freq_base": "rope_theta",
+    "embedding_scale": "embedding_multiplier",
+    "residual_scale": "residual_multiplier",
+    "attention.scale": "attention_multiplier",
+    "logit_scale": "logits_scaling",
+    "final_logit_softcapping": "final_logit_softcapping",
+}
+
+# GGUF tensor name (without "blk.N." and ".weight"/".bias") -> Hugging Face module name
+GGUF_TENSOR_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_post_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+GGUF_TENSOR_NAMES_BY_ARCH = {"gemma3": {"ffn_norm": "pre_feedforward_layernorm"}}
+
+
+def gguf_config(g: GGUFFile) -> dict:
+    """GGUF metadata -> a config.json-style dict."""
+    arch = g.architecture
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{g.path}: GGUF architecture {arch!r} is not supported; edgelm reads "
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
+        )
+    m = g.metadata
+    config = {"model_type": GGUF_ARCHITECTURES[arch]}
+    for key, field in GGUF_CONFIG_KEYS.items():
+        if f"{arch}.{key}" in m:
+            config[field] = m[f"{arch}.{key}"]
+    tokens = m.get("tokenizer.ggml.tokens")
+    config["vocab_size"] = m.get(f"{arch}.vocab_size", len(tokens) if tokens else None)
+    config["tie_word_embeddings"] = "output.weight" not in g.tensors
+    config["rope_parameters"] = _gguf_rope(g, arch, config)
+    for key in ("bos_token_id", "eos_token_id"):
+        if f"tokenizer.ggml.{key}" in m:
+            config[key] = m[f"tokenizer.ggml.{key}"]
+    return config
+
+
+def _gguf_rope(g: GGUFFile, arch: str, config: dict) -> dict:
+    m = g.metadata
+    params = {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
+    kind = m.get(f"{arch}.rope.scaling.type")
+    if kind in ("linear", "yarn"):
+        params["rope_type"] = kind
+        params["factor"] = m[f"{arch}.rope.scaling.factor"]
+        orig = m.get(f"{arch}.rope.scaling.original_context_length")
+        if orig:
+            params["original_max_position_embeddings"] = orig
+    if "rope_freqs.weight" in g.tensors:
+        params["freq_factors"] = g.tensors["rope_freqs.weight"].to_torch().tolist()
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rot = m.get(f"{arch}.rope.dimension_count")
+    if rot and rot != head_dim:
+        params["partial_rotary_factor"] = rot / head_dim
+    return params
+
+
+def hf_tensor_name(name: str, arch: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for unused tensors."""
+    parts = name.split(".")
+    table = {**GGUF_TENSOR_NAMES, **GGUF_TENSOR_NAMES_BY_ARCH.get(arch, {})}
+    if parts[0] == "blk":
+        base = table.get(parts[2])
+        return None if base is None else f"model.layers.{parts[1]}.{base}.{parts[-1]}"
+    base = table.get(parts[0])
+    return None if base is None else f"{base}.{parts[-1]}"
+
+
+def gguf_tensors(g: GGUFFile, config: dict) -> dict[str, GGUFTensor]:
+    """{HF name: GGUFTensor} with llama.cpp's Q/K row permutation undone (on the raw rows)."""
+    from edgelm.layers.rope import interleaved_to_half
+
+    arch, out = g.architecture, {}
+    for name, t in g.tensors.items():
+        hf = hf_tensor_name(name, arch)
+        if hf is None:
+            continue
+        if arch in PERMUTED_QK and (".q_proj." in hf or ".k_proj." in hf) and hf.endswith("weight"):
+            heads = config["num_attention_heads" if ".q_proj." in hf else "num_key_value_heads"]
+            rows = interleaved_to_half(torch.arange(t.shape[0]), heads).numpy()
+            t = GGUFTensor(t.name, t.type_name, t.shape, np.asarray(t.data)[rows])
+        out[hf] = t
+    return out

@@ -1,0 +1,89 @@
+"""What every model file shares: the config base class and the causal-LM wrapper.
+
+A model file defines `ModelArgs` (a dataclass with Hugging Face field names) and `Model` (an
+`nn.Module` built from it), plus optional `sanitize(weights)` for checkpoint renames.
+"""
+
+import dataclasses
+import inspect
+
+import torch
+from torch import nn
+
+from edgelm.cache import KVCache, SlidingWindowKVCache
+from edgelm.layers.attention import ForwardContext
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    model_type: str = ""
+    vocab_size: int = 32000
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | list | None = None
+    eos_token_id: int | list | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Build from a config.json dict; unknown keys are ignored, missing ones take defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def make_left_pad(left_pad, batch_size: int) -> torch.Tensor | None:
+    if left_pad is None:
+        return None
+    lp = torch.as_tensor(left_pad, dtype=torch.long).reshape(-1)
+    if lp.numel() != batch_size:
+        raise ValueError(f"left_pad has {lp.numel()} entries for a batch of {batch_size}")
+    return lp
+
+
+class CausalLM(nn.Module):
+    """Base for decoder models: `model(tokens, cache) -> logits`.
+
+    Subclasses set `self.config`, `self.layers` (each with `.self_attn.window` when attention) and
+    implement `hidden_states(tokens, cache, ctx)` and `logits(h)`.
+    """
+
+    tokenizer = None  # attached by the loader
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def make_cache(self, left_pad=None, max_size: int | None = None) -> list:
+        """One cache per layer. `left_pad` (B,) gives each row's left padding for batched prompts."""
+        lp = None if left_pad is None else torch.as_tensor(left_pad, dtype=torch.long).reshape(-1)
+        caches = []
+        for layer in self.layers:
+            window = getattr(getattr(layer, "self_attn", None), "window", None)
+            if window is not None:
+                caches.append(SlidingWindowKVCache(window, lp))
+            else:
+                caches.append(KVCache(lp, max_size))
+        return caches
+
+    def forward(self, tokens: torch.Tensor, cache: list | None = None, left_pad=None) -> torch.Tensor:
+        """tokens (B, L) LongTensor -> logits (B, L, vocab) float32."""
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if cache is None and left_pad is not None:
+            cache = self.make_cache(make_left_pad(left_pad, tokens.shape[0]))
+        offset = cache[0].offset if cache else 0
+        lp = cache[0].left_pad if cache else None
+        ctx = ForwardContext.make(tokens, offset, lp)
+        h = self.hidden_states(tokens, cache, ctx)
+        return self.logits(h).float()
+
+
+def filter_kwargs(fn, kwargs: dict) -> dict:
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
