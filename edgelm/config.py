@@ -37,3 +37,12 @@ def set_threads(n: int | None) -> int:
         raise ValueError(f"--threads must be positive, got {n}")
     torch.set_num_threads(n)
     return n
+
+
+def configure_runtime() -> None:
+    """Process-wide CPU settings every edgelm entry point wants.
+
+    Flushing denormals matters: softmax over long rows produces subnormal floats, and x86 handles
+    those in microcode -- SDPA decode on SmolLM2 ran 7.8 ms instead of 0.04 ms per call without it.
+    """
+    torch.set_flush_denormal(True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from edgelm.config import default_dtype
+from edgelm.config import configure_runtime, default_dtype
 from edgelm.formats import gguf as gguf_format
 from edgelm.formats import hf as hf_format
 from edgelm.formats import llama2c as llama2c_format
@@ -106,6 +106,7 @@ def assign_weights(model: torch.nn.Module, weights: dict, dtype: torch.dtype) ->
 def load(path: str | Path, dtype: torch.dtype | None = None, tokenizer_path: str | Path | None = None):
     """Load a model ready to run. `dtype=torch.float32` is the exact reference path; the default
     picks the fastest dense dtype this machine supports (bf16 with AMX/AVX512-BF16, else fp32)."""
+    configure_runtime()
     path = resolve_path(path)
     config, weights, tokenizer = read_checkpoint(path)
     module = get_model_module(config.get("model_type", ""))

@@ -18,10 +18,6 @@ class KVCache:
         self.left_pad = left_pad
         self.max_size = max_size  # preallocate this many positions on first use (static cache)
 
-    def key_range(self, num_new: int) -> tuple[int, int]:
-        """(absolute position of the first key, number of keys) the next update will return."""
-        return 0, self.offset + num_new
-
     def _grow(self, k: torch.Tensor, v: torch.Tensor, needed: int) -> None:
         B, H, _, D = k.shape
         size = max(needed, self.max_size or 0)
@@ -72,9 +68,6 @@ class SlidingWindowKVCache(KVCache):
         super().__init__(left_pad)
         self.window, self.slack = window, slack
         self.start = 0
-
-    def key_range(self, num_new: int) -> tuple[int, int]:
-        return self.start, self.offset - self.start + num_new
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         held = self.offset - self.start

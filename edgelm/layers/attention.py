@@ -149,10 +149,8 @@ class Attention(nn.Module):
             cos, sin = ctx.rope(self.rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            key_start, num_keys = cache.key_range(L)
-            k, v = cache.update(k, v)
-        else:
-            key_start, num_keys = 0, L
-        mask = ctx.mask(key_start, num_keys, self.window)
+            k, v = cache.update(k, v)  # may drop keys a sliding window no longer sees
+        # the keys returned cover absolute positions [offset + L - S, offset + L)
+        mask = ctx.mask(ctx.offset + L - k.shape[2], k.shape[2], self.window)
         out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, L, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))

@@ -37,6 +37,8 @@ class ModelArgs(BaseConfig):
     mlp_bias: bool = False
     sliding_window: int | None = None
     use_sliding_window: bool | None = None
+    max_window_layers: int | None = None
+    layer_types: list | None = None  # "full_attention" / "sliding_attention" per layer
     qk_norm: bool = False  # Qwen3
     # μP-style scalars (Granite names); 1.0 / None means plain Llama.
     embedding_multiplier: float = 1.0
@@ -53,6 +55,10 @@ class ModelArgs(BaseConfig):
             self.qk_norm = True
         if self.use_sliding_window is False:  # Qwen2 ships a window it does not use
             self.sliding_window = None
+        if self.layer_types is None:
+            self.layer_types = self._default_layer_types()
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         self.rope_parameters = normalize_rope_parameters(
             self.rope_parameters,
             self.rope_scaling,
@@ -62,6 +68,20 @@ class ModelArgs(BaseConfig):
         )
         if isinstance(self.rope_parameters.get("partial_rotary_factor"), (int, float)):
             self.partial_rotary_factor = self.rope_parameters["partial_rotary_factor"]
+
+    def _default_layer_types(self) -> list[str]:
+        # Qwen2/3 window only the layers from max_window_layers on; Mistral windows all of them.
+        first = 0
+        if self.model_type in ("qwen2", "qwen3") and self.max_window_layers is not None:
+            first = self.max_window_layers
+        windowed = self.sliding_window is not None
+        return [
+            "sliding_attention" if windowed and i >= first else "full_attention"
+            for i in range(self.num_hidden_layers)
+        ]
+
+    def window_of(self, layer: int) -> int | None:
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
     @property
     def qkv_bias(self) -> bool:
@@ -74,7 +94,7 @@ class ModelArgs(BaseConfig):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, rope: RoPE):
+    def __init__(self, args: ModelArgs, rope: RoPE, window: int | None):
         super().__init__()
         self.self_attn = Attention(
             args.hidden_size,
@@ -86,7 +106,7 @@ class DecoderLayer(nn.Module):
             qk_norm_eps=args.rms_norm_eps if args.qk_norm else None,
             scale=args.attention_multiplier,
             rope=rope,
-            window=args.sliding_window,
+            window=window,
         )
         self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.hidden_act, args.mlp_bias)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -107,7 +127,9 @@ class LlamaModel(nn.Module):
         rope_dim = int(args.head_dim * args.partial_rotary_factor)
         self.rotary_emb = RoPE(rope_dim, args.rope_parameters, args.max_position_embeddings)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, self.rotary_emb) for _ in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, self.rotary_emb, args.window_of(i)) for i in range(args.num_hidden_layers)
+        )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
