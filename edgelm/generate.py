@@ -35,7 +35,7 @@ def check_prompt(num_tokens: int, context_length: int) -> None:
 def prefill(model, tokens: torch.Tensor, cache: list, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run the prompt (1, L) through the model in chunks; returns the last position's logits (1, V)."""
     for start in range(0, tokens.shape[1], chunk):
-        logits = model(tokens[:, start : start + chunk], cache)
+        logits = model(tokens[:, start : start + chunk], cache, num_logits=1)
     return logits[:, -1]
 
 

@@ -71,8 +71,14 @@ class CausalLM(nn.Module):
                 caches.append(KVCache(lp, max_size))
         return caches
 
-    def forward(self, tokens: torch.Tensor, cache: list | None = None, left_pad=None) -> torch.Tensor:
-        """tokens (B, L) LongTensor -> logits (B, L, vocab) float32."""
+    def forward(
+        self, tokens: torch.Tensor, cache: list | None = None, left_pad=None, num_logits: int | None = None
+    ) -> torch.Tensor:
+        """tokens (B, L) LongTensor -> logits (B, L, vocab) float32.
+
+        `num_logits` keeps only the last N positions' logits: prefill needs one, and the LM head is
+        ~20% of prefill compute for a 49K vocabulary.
+        """
         if tokens.dim() == 1:
             tokens = tokens[None]
         if cache is None and left_pad is not None:
@@ -81,6 +87,8 @@ class CausalLM(nn.Module):
         lp = cache[0].left_pad if cache else None
         ctx = ForwardContext.make(tokens, offset, lp)
         h = self.hidden_states(tokens, cache, ctx)
+        if num_logits is not None:
+            h = h[:, -num_logits:]
         return self.logits(h).float()
 
 
