@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(chat)
     add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
+    b = sub.add_parser("bench", help="median prefill/decode speed, memory and roofline")
+    add_model_args(b)
+    b.add_argument("--prompt-tokens", type=int, default=512)
+    b.add_argument("--gen-tokens", type=int, default=256)
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--json", action="store_true")
     ins = sub.add_parser("inspect", help="show a model's config, parameter count and weight types")
     add_model_args(ins)
     ins.add_argument("--json", action="store_true")
@@ -145,7 +151,23 @@ def cmd_inspect(args) -> None:
         print(f"{key:>24}: {value}")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect}
+def cmd_bench(args) -> None:
+    from tqdm import tqdm
+
+    from edgelm.profiler.bench import bench
+
+    model = load_from_args(args)
+    with tqdm(total=args.repeat, desc="bench", file=sys.stderr) as bar:
+        report = bench(model, args.prompt_tokens, args.gen_tokens, args.repeat, progress=bar.update)
+    report = {"model": model.source, "compute_dtype": str(model.dtype)[6:], **report}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        print(f"{key:>24}: {value}")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,9 +103,15 @@ def assign_weights(model: torch.nn.Module, weights: dict, dtype: torch.dtype) ->
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def load(path: str | Path, dtype: torch.dtype | None = None, tokenizer_path: str | Path | None = None):
+def load(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    tokenizer_path: str | Path | None = None,
+    fuse: bool = True,
+):
     """Load a model ready to run. `dtype=torch.float32` is the exact reference path; the default
-    picks the fastest dense dtype this machine supports (bf16 with AMX/AVX512-BF16, else fp32)."""
+    picks the fastest dense dtype this machine supports (bf16 with AMX/AVX512-BF16, else fp32).
+    `fuse` merges q/k/v and gate/up projections (fewer, larger matmuls; same maths)."""
     configure_runtime()
     path = resolve_path(path)
     config, weights, tokenizer = read_checkpoint(path)
@@ -116,6 +122,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None, tokenizer_path: str
         model = build_model(config)
     assign_weights(model, weights, dtype or default_dtype())
     model.eval().requires_grad_(False)
+    if fuse:
+        model.fuse()
     if tokenizer_path is not None:
         tokenizer = Tokenizer.from_llama2c(tokenizer_path) if str(tokenizer_path).endswith(".bin") else (
             Tokenizer.from_hf_folder(tokenizer_path)

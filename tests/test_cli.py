@@ -30,3 +30,19 @@ def test_bad_input_is_one_line_error(capsys):
     rc = main(["generate", "--model", "/no/such/model.gguf", "--prompt", "hi"])
     err = capsys.readouterr().err
     assert rc == 2 and "no such file or folder" in err and "Traceback" not in err
+
+
+def test_bench_json(capsys):
+    rc = main(["bench", "--model", STORIES_BIN, "--dtype", "float32", "--prompt-tokens", "32",
+               "--gen-tokens", "16", "--repeat", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert report["prompt_tokens"] == 32 and report["gen_tokens"] == 16
+    assert report["decode_tok_s"] > 0 and report["bandwidth_gb_s"] > 0
+    # stories260K: 260,032 fp32 parameters, the tied embedding read in full as the LM head
+    assert report["weight_bytes_per_token"] == 260_032 * 4
+
+
+def test_bench_refuses_oversized_run(capsys):
+    rc = main(["bench", "--model", STORIES_BIN, "--prompt-tokens", "500", "--gen-tokens", "100"])
+    assert rc == 2 and "exceed the context of 512" in capsys.readouterr().err

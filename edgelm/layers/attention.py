@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgelm.layers.mlp import fuse_linears
 from edgelm.layers.norm import RMSNorm
 from edgelm.layers.rope import RoPE, apply_rope
 
@@ -130,6 +131,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        self.qkv_proj = None  # set by fuse()
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, norm_offset)
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, norm_offset)
@@ -138,11 +140,27 @@ class Attention(nn.Module):
         self.scale = scale if scale is not None else head_dim**-0.5
         self.rope, self.window, self.softcap = rope, window, softcap
 
+    @property
+    def qkv_sizes(self) -> list[int]:
+        return [self.num_heads * self.head_dim, *[self.num_kv_heads * self.head_dim] * 2]
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one qkv_proj: one matmul (and one kernel launch) instead of three."""
+        if self.qkv_proj is None:
+            self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x: torch.Tensor, cache, ctx: ForwardContext) -> torch.Tensor:
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
+        v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:

@@ -26,6 +26,18 @@ def get_activation(name: str):
     return ACTIVATIONS[name]
 
 
+def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output is the concatenation of the given ones' outputs."""
+    weight = torch.cat([m.weight for m in linears], dim=0)
+    has_bias = [m.bias is not None for m in linears]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if any(has_bias):
+        biases = [m.bias if m.bias is not None else weight.new_zeros(m.out_features) for m in linears]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+    return fused
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)) -- SwiGLU with silu, GeGLU with gelu-tanh."""
 
@@ -35,8 +47,18 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = get_activation(act)
+        self.gate_up_proj = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """One gate_up_proj matmul instead of two (same maths, half the kernel launches)."""
+        if self.gate_up_proj is None:
+            self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

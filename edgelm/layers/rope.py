@@ -148,6 +148,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, L, D); rotate the first cos.shape[-1] dims (rotate-half layout, as in HF)."""
     d = cos.shape[-1]
+    if d == x.shape[-1] and x.dtype == torch.float32:
+        return x * cos + rotate_half(x) * sin  # full rotary in fp32: no slicing or casts
     rot, rest = x[..., :d], x[..., d:]
     out = (rot.float() * cos + rotate_half(rot.float()) * sin).to(x.dtype)
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)

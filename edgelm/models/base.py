@@ -59,6 +59,13 @@ class CausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def fuse(self) -> "CausalLM":
+        """Fuse q/k/v and gate/up projections in every layer (same maths, fewer matmuls)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse"):
+                module.fuse()
+        return self
+
     def make_cache(self, left_pad=None, max_size: int | None = None) -> list:
         """One cache per layer. `left_pad` (B,) gives each row's left padding for batched prompts."""
         lp = None if left_pad is None else torch.as_tensor(left_pad, dtype=torch.long).reshape(-1)
