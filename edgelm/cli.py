@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     ins = sub.add_parser("inspect", help="show a model's config, parameter count and weight types")
     add_model_args(ins)
+    ins.add_argument("--context", type=int, default=None, help="predict memory at this context")
+    ins.add_argument("--batch", type=int, default=1, help="predict memory for this many sequences")
     ins.add_argument("--json", action="store_true")
     return parser
 
@@ -140,10 +142,16 @@ def cmd_chat(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from edgelm.inspect import describe
+    from pathlib import Path
 
-    model = load_from_args(args)
-    info = describe(model)
+    from edgelm.hub import resolve_model
+    from edgelm.inspect import analyze, analyze_config, read_config_only
+
+    config = read_config_only(Path(resolve_model(args.model)))
+    if config is not None:  # architecture only: nothing to download or load
+        info = analyze_config(config, context=args.context, batch=args.batch)
+    else:
+        info = analyze(load_from_args(args), args.context, args.batch)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return

@@ -72,9 +72,9 @@ def test_smollm2_default_dtype_tracks_reference(smol_ref):
 
 
 def test_inspect_counts_smollm2(smol):
-    from edgelm.inspect import describe
+    from edgelm.inspect import analyze
 
-    info = describe(smol)
+    info = analyze(smol)
     assert info["parameters"] == 134_515_008  # 134.5M as PROVENANCE.md states (tied head counted once)
     assert info["attention"].startswith("GQA (3")
     assert info["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4

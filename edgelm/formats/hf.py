@@ -15,9 +15,13 @@ def read_config(folder: Path) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from e
+    return text_config(config)
+
+
+def text_config(config: dict) -> dict:
+    """Multimodal wrappers (Gemma 3) nest the text model's config: edgelm runs the text model."""
     if "text_config" in config and "model_type" in config["text_config"]:
-        # Multimodal wrappers (Gemma 3): edgelm runs the text model.
-        config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", True)}
+        return {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", True)}
     return config
 
 

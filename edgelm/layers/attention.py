@@ -25,10 +25,21 @@ class ForwardContext:
     left_pad: torch.Tensor | None  # (B,) or None
     positions: torch.Tensor  # (B, L) position ids (left padding subtracted)
     _memo: dict = field(default_factory=dict)
+    # (B,) tokens already cached per row, when rows differ (the batched engine's slots). Row b's
+    # keys sit at buffer positions [0, row_offsets[b] + L); `offset` is then the largest row's.
+    row_offsets: torch.Tensor | None = None
 
     @classmethod
-    def make(cls, tokens: torch.Tensor, offset: int, left_pad: torch.Tensor | None) -> "ForwardContext":
+    def make(
+        cls,
+        tokens: torch.Tensor,
+        offset: int,
+        left_pad: torch.Tensor | None,
+        row_offsets: torch.Tensor | None = None,
+    ) -> "ForwardContext":
         B, L = tokens.shape
+        if row_offsets is not None:
+            return cls(offset, L, None, row_offsets[:, None] + torch.arange(L), row_offsets=row_offsets)
         pos = torch.arange(offset, offset + L).expand(B, L)
         if left_pad is not None:
             if not bool(left_pad.any()):
@@ -51,6 +62,8 @@ class ForwardContext:
         return self._memo[key]
 
     def _make_mask(self, key_start: int, num_keys: int, window: int | None):
+        if self.row_offsets is not None:
+            return self._make_row_mask(key_start, num_keys, window)
         L, q0 = self.length, self.offset
         window_matters = window is not None and q0 + L - key_start > window
         if self.left_pad is None and not window_matters:
@@ -69,6 +82,16 @@ class ForwardContext:
             # Padding queries would see no key at all (NaN softmax): let them see themselves.
             allowed = (allowed & (k >= lp)) | ((q < lp) & (k == q))
         return allowed
+
+    def _make_row_mask(self, key_start: int, num_keys: int, window: int | None) -> torch.Tensor:
+        """(B, 1, L, S) mask for rows at different positions: each row sees its own past only, so
+        keys past a shorter row's end (stale or unwritten slot memory) are masked out."""
+        q = self.positions[:, :, None]  # (B, L, 1)
+        k = torch.arange(key_start, key_start + num_keys)  # (S,)
+        allowed = k <= q
+        if window is not None:  # sliding window by masking only: the slot keeps every key
+            allowed = allowed & (q - k < window)
+        return allowed[:, None]
 
 
 def attend(q, k, v, mask, scale: float, softcap: float | None = None) -> torch.Tensor:

@@ -92,7 +92,8 @@ class CausalLM(nn.Module):
             cache = self.make_cache(make_left_pad(left_pad, tokens.shape[0]))
         offset = cache[0].offset if cache else 0
         lp = cache[0].left_pad if cache else None
-        ctx = ForwardContext.make(tokens, offset, lp)
+        row_offsets = getattr(cache[0], "row_offsets", None) if cache else None  # batched engine
+        ctx = ForwardContext.make(tokens, offset, lp, row_offsets)
         h = self.hidden_states(tokens, cache, ctx)
         if num_logits is not None:
             h = h[:, -num_logits:]

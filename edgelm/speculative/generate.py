@@ -1,0 +1,174 @@
+"""Speculative decoding as a generator that yields exactly what `edgelm.generate.generate_step`
+yields: draft k tokens, verify them in one target forward over [last token, d_1..d_k], keep the
+accepted prefix plus one target token, roll the target cache back over the rest.
+
+A forward over k + 1 tokens costs little more than over one on a memory-bound device (the weights
+are read once), so every accepted draft token is a decode step nearly for free.
+"""
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from edgelm.cache import KVCache
+from edgelm.generate import PREFILL_CHUNK, check_prompt, prefill
+from edgelm.sampling import LogitsProcessor
+from edgelm.speculative.acceptance import SamplingParams, accept_greedy, accept_sampled, match_width
+from edgelm.speculative.proposers import Draft, Proposer
+
+
+@dataclass
+class SpeculativeStats:
+    num_steps: int = 0  # target forwards after the prefill (verify passes, and plain steps when k = 0)
+    num_proposed: int = 0  # draft tokens sent to verification
+    num_accepted: int = 0  # draft tokens the target kept
+    num_tokens: int = 0  # tokens yielded
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        self.num_steps += 1
+        self.num_proposed += num_proposed
+        self.num_accepted += num_accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / max(self.num_proposed, 1)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens gained per target forward: accepted drafts + the target's own token (plain decode: 1)."""
+        return (self.num_accepted + self.num_steps) / max(self.num_steps, 1)
+
+
+class DraftLength:
+    """The draft length k for the next step, from the running per-token acceptance rate α.
+
+    With acceptance α, a draft of k tokens yields E(k) = (1 − α^(k+1)) / (1 − α) tokens per verify
+    (Leviathan et al. 2023, eq. 1) and costs about 1 + k·(c + β) target forwards, c being the
+    proposer's cost per token and β the verify pass's extra cost per token. Pick the k in
+    1..num_draft maximising E(k) / cost(k). α is estimated geometrically: a step that accepted n
+    of k tested n + 1 tokens (n if all passed); counts decay so α tracks the text.
+    """
+
+    def __init__(self, num_draft: int, cost: float, adaptive: bool, verify_cost: float = 0.05, decay: float = 0.9):
+        self.num_draft, self.cost, self.adaptive = num_draft, cost + verify_cost, adaptive
+        self.decay = decay
+        self.passed, self.tested = 3.0, 4.0  # prior α = 0.75, forgotten after a few steps
+
+    def update(self, k: int, n: int) -> None:
+        self.passed = self.decay * self.passed + n
+        self.tested = self.decay * self.tested + n + (n < k)
+
+    def next(self) -> int:
+        if not self.adaptive:
+            return self.num_draft
+        a = min(self.passed / self.tested, 0.999)
+        gain = [(1 - a ** (k + 1)) / (1 - a) / (1 + k * self.cost) for k in range(1, self.num_draft + 1)]
+        return 1 + max(range(len(gain)), key=gain.__getitem__)
+
+
+@torch.inference_mode()
+def speculative_generate_step(
+    model,
+    prompt: Sequence[int] | torch.Tensor,
+    proposer: Proposer,
+    *,
+    num_draft: int = 4,
+    sampling: SamplingParams | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    max_tokens: int = 256,
+    adaptive: bool = True,
+    cache: list | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
+    stats: SpeculativeStats | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (token id, target logits (V,) it was chosen from) until max_tokens or the context is
+    full, like `generate_step`. Greedy (the default sampling) yields the very same tokens; with
+    temperature > 0 each token follows the target's distribution exactly (not the same random
+    stream). `num_draft` is k, the most draft tokens per verify (adaptive: chosen in 1..k each
+    step). `stats`, when given, is updated as tokens are yielded.
+    """
+    if num_draft <= 0:
+        raise ValueError(f"num_draft must be a positive number of draft tokens, got {num_draft}")
+    sampling, stats = sampling or SamplingParams(), stats if stats is not None else SpeculativeStats()
+    proposer.bind(model)
+    tokens = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
+    check_prompt(tokens.shape[1], model.context_length)
+    cache = cache if cache is not None else model.make_cache()
+    history = tokens[0].tolist()  # the prompt and every token yielded; the cache lacks the last one
+    budget = min(max_tokens, model.context_length - len(history))
+    if budget <= 0:
+        return
+    logits = process(history, [], prefill(model, tokens, cache, prefill_chunk), logits_processors)
+    token = choose(logits[0], sampling)
+    history.append(token)
+    stats.num_tokens += 1
+    yield token, logits[0]
+    lengths, emitted = DraftLength(num_draft, proposer.cost, adaptive), 1
+    while emitted < budget:
+        k = min(lengths.next(), budget - emitted - 1)  # never pass the budget
+        draft = proposer.propose(history, k, sampling) if k > 0 else Draft([])
+        n, rows, token = verify(model, cache, history, draft, sampling, logits_processors)
+        proposer.accept(n)
+        if draft.tokens:
+            lengths.update(len(draft.tokens), n)
+        stats.record(len(draft.tokens), n)
+        for t, row in zip([*draft.tokens[:n], token], rows):
+            history.append(t)
+            emitted += 1
+            stats.num_tokens += 1
+            yield t, row
+    model(torch.tensor([history[-1:]]), cache)  # as generate_step: the cache ends holding every token
+
+
+def verify(model, cache: list, history: list[int], draft: Draft, sampling: SamplingParams, processors):
+    """One target forward over [last token, d_1..d_k] -> (accepted n, logits rows (n+1, V) of the
+    kept tokens, the target's token after them); the cache ends holding history + d_1..d_n."""
+    k = len(draft.tokens)
+    snapshots = None if is_trimmable(cache) else [c.snapshot() for c in cache]
+    logits = model(torch.tensor([history[-1:] + draft.tokens]), cache)[0]  # (k+1, V)
+    logits = process(history, draft.tokens, logits, processors)
+    if sampling.is_greedy:
+        n, token = accept_greedy(draft.tokens, logits)
+    else:
+        q = None if draft.probs is None else match_width(draft.probs, logits.shape[-1])
+        n, token = accept_sampled(draft.tokens, q, sampling.probs(logits), sampling)
+    rollback(model, cache, snapshots, k - n, history[-1:] + draft.tokens[:n])
+    return n, logits[: n + 1], token
+
+
+def is_trimmable(cache: list) -> bool:
+    """KV caches (plain and sliding-window) trim a few positions; other states (an SSM's) cannot."""
+    return all(isinstance(c, KVCache) for c in cache)
+
+
+def rollback(model, cache: list, snapshots: list | None, num_drop: int, kept: list[int]) -> None:
+    """Forget the last `num_drop` positions: trim a KV cache; restore a snapshot and re-feed the
+    kept tokens for a state that cannot be trimmed."""
+    if num_drop == 0:
+        return
+    if snapshots is None:
+        for c in cache:
+            c.trim(num_drop)
+        return
+    for c, s in zip(cache, snapshots):
+        c.restore(s)
+    model(torch.tensor([kept]), cache)
+
+
+def process(history: list[int], draft: list[int], logits: torch.Tensor, processors) -> torch.Tensor:
+    """Apply logits processors to each row i as generate_step would: with history + draft[:i] seen."""
+    if not processors:
+        return logits
+    rows = []
+    for i in range(logits.shape[0]):
+        seen, row = torch.tensor([history + draft[:i]]), logits[i : i + 1]
+        for p in processors:
+            row = p(seen, row)
+        rows.append(row)
+    return torch.cat(rows)
+
+
+def choose(logits: torch.Tensor, sampling: SamplingParams) -> int:
+    """The token plain decoding would pick from (V,) logits."""
+    return int(logits.argmax()) if sampling.is_greedy else sampling.draw(sampling.probs(logits))

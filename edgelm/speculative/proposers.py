@@ -1,0 +1,213 @@
+"""Draft proposers: where speculative decoding's guesses come from.
+
+Every proposer answers `propose(context, k, sampling) -> Draft` (up to k ids, and for sampling the
+draft distributions q they were drawn from) and hears `accept(n)` after the target's verify pass,
+so a model proposer can roll its own cache back. `bind(target)` checks the proposer fits the
+target and sizes its `cost` (one drafted token's time over one target forward), which the
+adaptive draft length uses.
+
+- `DraftModelProposer(draft)`: any model with the target's tokenizer. A quantized copy of the
+  target is the "self-quant" draft: `DraftModelProposer(quantize_model(load(path), "int4"))`.
+- `LayerSkipProposer(model, num_layers)`: the target's first layers + its final norm + LM head.
+- `NgramProposer(n_max)`: prompt lookup, copying what followed the last n tokens earlier on.
+Model proposers take `frspec_ids` (FR-Spec): draft only over those LM-head rows.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgelm.generate import prefill
+from edgelm.speculative.acceptance import SamplingParams
+from edgelm.speculative.frspec import module_view, restrict_lm_head
+
+PROBE_TEXTS = ("Hello, world! 123", "def f(x):\n    return x * 2", " The quick brown fox.")
+
+
+@dataclass
+class Draft:
+    tokens: list[int]  # up to k proposed ids (possibly none)
+    probs: torch.Tensor | None = None  # (len(tokens), V) draft distributions q; None = point masses
+
+
+class Proposer:
+    """Base: a proposer that never proposes. Subclasses override `propose`, maybe `accept`/`bind`."""
+
+    cost: float = 0.0
+
+    def bind(self, target) -> None:
+        """Check this proposer can draft for `target`; called once per generation."""
+
+    def propose(self, context: Sequence[int] | torch.Tensor, k: int, sampling: SamplingParams | None = None) -> Draft:
+        return Draft([])
+
+    def accept(self, num_accepted: int) -> None:
+        """The target kept the first `num_accepted` tokens of the last draft."""
+
+
+class NgramProposer(Proposer):
+    """Prompt-lookup decoding: find the most recent earlier occurrence of the context's last n
+    tokens (n from n_max down to n_min) and propose the k tokens that followed it."""
+
+    def __init__(self, n_max: int = 3, n_min: int = 1):
+        if not 1 <= n_min <= n_max:
+            raise ValueError(f"need 1 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
+        self.n_max, self.n_min = n_max, n_min
+
+    def propose(self, context, k, sampling=None) -> Draft:
+        ctx = torch.as_tensor(context, dtype=torch.long).reshape(-1)
+        for n in range(min(self.n_max, ctx.numel() - 1), self.n_min - 1, -1):
+            windows = ctx[:-1].unfold(0, n, 1)  # (L-n, n): every earlier n-gram, ending before the last token
+            hits = (windows == ctx[-n:]).all(-1).nonzero()
+            if hits.numel():
+                start = int(hits[-1]) + n
+                return Draft(ctx[start : start + k].tolist())
+        return Draft([])
+
+
+class ModelProposer(Proposer):
+    """Drafts with a model (B=1) and its own cache, kept in step with the context it is shown:
+    each `propose` feeds only the tokens the cache lacks, trimming what the context dropped."""
+
+    def __init__(self, model: nn.Module, frspec_ids: torch.Tensor | None = None):
+        self.vocab_width = vocab_rows(model)  # q's width: the draft's full vocabulary
+        self.model = model if frspec_ids is None else restrict_lm_head(model, frspec_ids)
+        self.ids = None if frspec_ids is None else torch.as_tensor(frspec_ids, dtype=torch.long)
+        self.cache = self.model.make_cache()
+        self.cached: list[int] = []  # the ids the draft cache holds, in order
+        self.num_fed_drafts = 0
+
+    def bind(self, target) -> None:
+        if self.vocab_width > vocab_rows(target):
+            raise ValueError(f"the draft scores {self.vocab_width} tokens but the target only {vocab_rows(target)}")
+        self.cost = forward_bytes(self.model) / forward_bytes(target)
+
+    @torch.inference_mode()
+    def propose(self, context, k, sampling=None) -> Draft:
+        context = context.reshape(-1).tolist() if isinstance(context, torch.Tensor) else list(context)
+        logits = self._sync(context)
+        tokens, probs = [], []
+        for i in range(k):
+            token, q = self._pick(logits, sampling)
+            tokens.append(token)
+            probs.append(q)
+            if i < k - 1:  # the last draft token is fed next time, with the target's token after it
+                logits = self._feed([token])
+        self.num_fed_drafts = max(k - 1, 0)
+        return Draft(tokens, None if sampling is None or sampling.is_greedy else torch.stack(probs))
+
+    def accept(self, num_accepted: int) -> None:
+        self._trim(self.num_fed_drafts - min(num_accepted, self.num_fed_drafts))
+        self.num_fed_drafts = 0
+
+    def _sync(self, context: list[int]) -> torch.Tensor:
+        """Bring the cache to context[:-1] + feed the rest; -> logits (V_draft,) after the context."""
+        # Always re-feed at least the last token: we need the logits after it.
+        common = min(common_prefix(context, self.cached), len(context) - 1)
+        self._trim(len(self.cached) - common)
+        return self._feed(context[len(self.cached) :])
+
+    def _feed(self, tokens: list[int]) -> torch.Tensor:
+        logits = prefill(self.model, torch.tensor([tokens]), self.cache)  # (1, V_draft)
+        self.cached += tokens
+        return logits[0]
+
+    def _trim(self, n: int) -> None:
+        if n <= 0:
+            return
+        try:
+            for c in self.cache:
+                c.trim(n)
+            del self.cached[len(self.cached) - n :]
+        except ValueError:  # a cache that cannot trim that far (sliding window): start over
+            self.cache, self.cached = self.model.make_cache(), []
+
+    def _pick(self, logits: torch.Tensor, sampling: SamplingParams | None) -> tuple[int, torch.Tensor | None]:
+        """(V_draft,) logits -> (token id, q over the full vocabulary or None when greedy)."""
+        if sampling is None or sampling.is_greedy:
+            return self._token(int(logits.argmax())), None
+        p = sampling.probs(logits)
+        j = sampling.draw(p)
+        if self.ids is None:
+            return j, p
+        q = p.new_zeros(self.vocab_width).index_copy_(0, self.ids, p)  # q = 0 outside V_high
+        return self._token(j), q
+
+    def _token(self, j: int) -> int:
+        return j if self.ids is None else int(self.ids[j])
+
+
+class DraftModelProposer(ModelProposer):
+    """A separate draft model sharing the target's tokenizer (a smaller sibling, or a quantized
+    copy of the target: self-quant)."""
+
+    def bind(self, target) -> None:
+        check_same_tokenizer(target.tokenizer, self.model.tokenizer)
+        super().bind(target)
+
+
+class LayerSkipProposer(ModelProposer):
+    """The target's first `num_layers` decoder layers, then its final norm and LM head (early
+    exit as a draft; no extra weights). Works for any model laid out as `model.model.layers`."""
+
+    def __init__(self, model: nn.Module, num_layers: int, frspec_ids: torch.Tensor | None = None):
+        super().__init__(first_layers(model, num_layers), frspec_ids)
+
+
+def first_layers(model: nn.Module, num_layers: int) -> nn.Module:
+    """A view of `model` running only its first `num_layers` layers (weights shared)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"layer skipping needs a model laid out as model.model.layers; {type(model).__name__} is not")
+    if not 0 < num_layers < len(layers):
+        raise ValueError(f"num_layers must be in 1..{len(layers) - 1} for this {len(layers)}-layer model, got {num_layers}")
+    inner = module_view(model.model)
+    inner.layers = nn.ModuleList(list(layers)[:num_layers])
+    view = module_view(model)
+    view.model = inner
+    return view
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, compared in C
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
+def vocab_rows(model: nn.Module) -> int:
+    """The width of the model's logits (the LM head's rows; may exceed the tokenizer's vocabulary)."""
+    head = getattr(model, "lm_head", None)
+    return int(head.out_features) if hasattr(head, "out_features") else int(model.config.vocab_size)
+
+
+def forward_bytes(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: the layers and the LM head (decode is memory bound)."""
+    parts = [getattr(model, "layers", []), getattr(model, "lm_head", None)]
+    tensors = {id(t): t for m in parts if m is not None for t in [*m.parameters(), *m.buffers()]}
+    return sum(t.nbytes for t in tensors.values()) or 1
+
+
+def check_same_tokenizer(target, draft) -> None:
+    """ValueError naming the first difference between the two vocabularies."""
+    if target is None or draft is None:
+        if target is not draft:
+            raise ValueError("only one of the target and the draft has a tokenizer; cannot check they match")
+        return
+    if target.vocab_size != draft.vocab_size:
+        raise ValueError(
+            f"tokenizer mismatch: the target's vocabulary has {target.vocab_size} tokens, the draft's "
+            f"{draft.vocab_size}; speculative decoding needs the same tokenizer"
+        )
+    V = target.vocab_size
+    for i in sorted({0, 1, 2, V // 3, V // 2, V - 1, *range(0, V, max(1, V // 61))}):
+        if target.id_to_token(i) != draft.id_to_token(i):
+            raise ValueError(
+                f"tokenizer mismatch: id {i} is {target.id_to_token(i)!r} for the target but "
+                f"{draft.id_to_token(i)!r} for the draft"
+            )
+    for text in PROBE_TEXTS:
+        if target.encode(text) != draft.encode(text):
+            raise ValueError(f"tokenizer mismatch: the two tokenizers encode {text!r} differently")
