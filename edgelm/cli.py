@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-tokens", type=int, default=256)
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--json", action="store_true")
+    prof = sub.add_parser("profile", help="sweep prompt lengths, back-ends, quantizations; report + plots")
+    prof.add_argument("--model", default=DEFAULT_MODEL)
+    prof.add_argument("--backend", default="native", help="comma list: native,llama.cpp,transformers")
+    prof.add_argument("--quant", default="fp32", help="comma list: fp32,bf16,int8,int4,gguf")
+    prof.add_argument("--prompt-lengths", default="16,64,256,1024", help="comma list of prompt tokens")
+    prof.add_argument("--gen-tokens", type=int, default=32)
+    prof.add_argument("--threads", default="2", help="comma list of thread counts")
+    prof.add_argument("--quick", action="store_true", help="prompt lengths 16,128 and 8 generated tokens")
+    prof.add_argument("--out", default="profile-out", help="folder for profile.json/.md and PNGs")
     ins = sub.add_parser("inspect", help="show a model's config, parameter count and weight types")
     add_model_args(ins)
     ins.add_argument("--context", type=int, default=None, help="predict memory at this context")
@@ -175,7 +184,41 @@ def cmd_bench(args) -> None:
         print(f"{key:>24}: {value}")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "bench": cmd_bench}
+def int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"{what} must be a comma list of integers, got {text!r}") from e
+    if not values or min(values) <= 0:
+        raise ValueError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def cmd_profile(args) -> None:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from edgelm.hub import resolve_model
+    from edgelm.inspect import analyze_config
+    from edgelm.loader import read_checkpoint
+    from edgelm.profiler.profile import QUICK, Sweep, check_fits, run_sweep, write_report
+
+    path = resolve_model(args.model)
+    sweep = Sweep(path, args.backend.split(","), args.quant.split(","),
+                  int_list(args.prompt_lengths, "--prompt-lengths"), args.gen_tokens,
+                  int_list(args.threads, "--threads"))
+    if args.quick:
+        sweep.prompt_lengths, sweep.gen_tokens = QUICK["prompt_lengths"], QUICK["gen_tokens"]
+    info = analyze_config(read_checkpoint(Path(path))[0])
+    check_fits(sweep, info["weight_bytes"], info["kv_bytes_per_token"])
+    with tqdm(total=len(sweep.runs()), desc="profile", file=sys.stderr) as bar:
+        report = run_sweep(sweep, progress=bar.update)
+    for f in write_report(report, Path(args.out)):
+        print(f)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "bench": cmd_bench, "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

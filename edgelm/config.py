@@ -46,3 +46,14 @@ def configure_runtime() -> None:
     those in microcode -- SDPA decode on SmolLM2 ran 7.8 ms instead of 0.04 ms per call without it.
     """
     torch.set_flush_denormal(True)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them after large temporary frees, e.g.
+    the dequantized rows of a GGUF load), so RSS reflects what the model really holds."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

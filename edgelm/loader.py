@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from edgelm.config import configure_runtime, default_dtype
+from edgelm.config import configure_runtime, default_dtype, release_free_memory
 from edgelm.formats import gguf as gguf_format
 from edgelm.formats import hf as hf_format
 from edgelm.formats import llama2c as llama2c_format
@@ -131,4 +131,6 @@ def load(
     model.tokenizer = tokenizer
     model.source = str(path)
     model.weight_types = {k: tensor_type(v) for k, v in weights.items()}
+    del weights
+    release_free_memory()
     return model

@@ -12,5 +12,6 @@ and batching work the same on every architecture:
 """
 
 from edgelm.cache.kv import KVCache, SlidingWindowKVCache
+from edgelm.cache.ssm import MambaCache
 
-__all__ = ["KVCache", "SlidingWindowKVCache"]
+__all__ = ["KVCache", "MambaCache", "SlidingWindowKVCache"]

@@ -15,6 +15,10 @@ MODEL_MODULES = {
     "minicpm4": "minicpm",
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",
+    "granitemoe": "granitemoe",
+    "granitemoeshared": "granitemoe",
+    "granitemoehybrid": "granitemoehybrid",
+    "mamba2": "mamba2",
 }
 
 

@@ -46,13 +46,14 @@ class DraftLength:
     With acceptance α, a draft of k tokens yields E(k) = (1 − α^(k+1)) / (1 − α) tokens per verify
     (Leviathan et al. 2023, eq. 1) and costs about 1 + k·(c + β) target forwards, c being the
     proposer's cost per token and β the verify pass's extra cost per token. Pick the k in
-    1..num_draft maximising E(k) / cost(k). α is estimated geometrically: a step that accepted n
-    of k tested n + 1 tokens (n if all passed); counts decay so α tracks the text.
+    0..num_draft maximising E(k) / cost(k) (k = 0 is plain decoding: E = 1, cost 1). α is estimated
+    geometrically: a step that accepted n of k tested n + 1 tokens (n if all passed); counts decay
+    so α tracks the text, and after `probe_every` plain steps one token is drafted to re-measure.
     """
 
-    def __init__(self, num_draft: int, cost: float, adaptive: bool, verify_cost: float = 0.05, decay: float = 0.9):
+    def __init__(self, num_draft: int, cost: float, adaptive: bool, verify_cost: float = 0.05):
         self.num_draft, self.cost, self.adaptive = num_draft, cost + verify_cost, adaptive
-        self.decay = decay
+        self.decay, self.probe_every, self.num_plain = 0.9, 8, 0
         self.passed, self.tested = 3.0, 4.0  # prior α = 0.75, forgotten after a few steps
 
     def update(self, k: int, n: int) -> None:
@@ -63,8 +64,10 @@ class DraftLength:
         if not self.adaptive:
             return self.num_draft
         a = min(self.passed / self.tested, 0.999)
-        gain = [(1 - a ** (k + 1)) / (1 - a) / (1 + k * self.cost) for k in range(1, self.num_draft + 1)]
-        return 1 + max(range(len(gain)), key=gain.__getitem__)
+        gain = [(1 - a ** (k + 1)) / (1 - a) / (1 + k * self.cost) for k in range(self.num_draft + 1)]
+        k = max(range(len(gain)), key=gain.__getitem__)
+        self.num_plain = self.num_plain + 1 if k == 0 else 0
+        return 1 if self.num_plain > self.probe_every else k
 
 
 @torch.inference_mode()

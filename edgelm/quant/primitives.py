@@ -1,0 +1,223 @@
+"""Quantize / dequantize / pack helpers shared by the runtime modules and the offline tools (GPTQ).
+
+Conventions (those of PyTorch's CPU weight-only kernels, checked in tests/test_quant.py):
+
+int4, group-wise, for `torch._weight_int4pack_mm_for_cpu`:
+    W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g],   g = k // group_size,  q in 0..15
+    Symmetric groups are the special case zero == 0. The kernel reads scale and zero from one bf16
+    tensor `scales_and_zeros` (K / group_size, N, 2), in the activation dtype: bf16 activations
+    are the only fast CPU path (fp32 activations are ~10x slower, fp16 ~15x), so scales are bf16.
+int8, per output channel, symmetric, for `torch._weight_int8pack_mm`:
+    W[n, k] = q[n, k] * scale[n],   q in -127..127,  scale bf16 (N,)
+
+Shapes: N = out_features (rows), K = in_features (columns), G = K / group_size.
+"""
+
+import functools
+
+import torch
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
+INT4_ROW_MULTIPLE = 16  # the CPU packing works on blocks of 16 rows
+INT8_COL_MULTIPLE = 8  # the CPU int8 kernel silently returns wrong sums (or crashes) otherwise
+SCALE_DTYPE = torch.bfloat16
+SUPPORTED_BITS = (4, 8)
+
+
+def check_int4_shape(out_features: int, in_features: int, group_size: int) -> None:
+    """ValueError naming the layer shape when the int4 CPU kernel cannot hold it."""
+    shape = f"({out_features}, {in_features})"
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size} (weight {shape})")
+    if in_features % group_size:
+        raise ValueError(
+            f"int4 group_size {group_size} does not divide in_features {in_features} (weight {shape}); "
+            "pick a group size that divides it or leave this layer out with a predicate"
+        )
+    if out_features % INT4_ROW_MULTIPLE:
+        raise ValueError(
+            f"int4 needs out_features divisible by {INT4_ROW_MULTIPLE}, got {out_features} (weight {shape}); "
+            "leave this layer out with a predicate"
+        )
+
+
+def check_int8_shape(out_features: int, in_features: int) -> None:
+    if in_features % INT8_COL_MULTIPLE:
+        raise ValueError(
+            f"int8 needs in_features divisible by {INT8_COL_MULTIPLE}, got {in_features} "
+            f"(weight ({out_features}, {in_features})); leave this layer out with a predicate"
+        )
+
+
+def check_bits(bits: int, out_features: int, in_features: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"{bits}-bit weights are not supported (weight ({out_features}, {in_features})); use one of {SUPPORTED_BITS}"
+        )
+
+
+# ---- int4 ---------------------------------------------------------------------------------------
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    N, K = w.shape
+    return w.float().reshape(N, K // group_size, group_size)  # (N, G, group)
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int = 32, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (q uint8 (N, K) in 0..15, scales bf16 (N, G), zeros bf16 (N, G)).
+
+    Asymmetric: the group's [min, max] spans the 16 levels. Symmetric (llama.cpp Q4_0's rule):
+    scale = -(signed value of largest magnitude) / 8, so that value lands exactly on level -8 and
+    the opposite side gets -7..7. The codes are rounded against the bf16-rounded scales the kernel
+    will use, so the stored scales are the ones the codes were chosen for.
+    """
+    check_int4_shape(*w.shape, group_size)
+    g = _groups(w, group_size)
+    if symmetric:
+        idx = g.abs().argmax(-1, keepdim=True)
+        scale = (g.gather(-1, idx) / -8).squeeze(-1)
+        zero = torch.zeros_like(scale)
+    else:
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = (hi - lo) / 15
+        zero = lo + 8 * scale
+    scale, zero = scale.to(SCALE_DTYPE), zero.to(SCALE_DTYPE)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    safe = torch.where(s == 0, torch.ones_like(s), s)  # constant groups: q = 8 (the zero point)
+    q = torch.round((g - z) / safe + 8).clamp(0, 15).to(torch.uint8)
+    return q.reshape(w.shape), scale, zero
+
+
+def dequantize_int4(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype=torch.float32
+) -> torch.Tensor:
+    """(q uint8 (N, K), scales (N, G), zeros (N, G)) -> W (N, K) in `dtype` (computed in fp32)."""
+    N, K = q.shape
+    g = q.reshape(N, K // group_size, group_size).float() - 8
+    w = g * scales.float()[..., None] + zeros.float()[..., None]
+    return w.reshape(N, K).to(dtype)
+
+
+def merge_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """scales, zeros (N, G) -> the kernel's (G, N, 2) bf16 tensor."""
+    return torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(SCALE_DTYPE)
+
+
+def split_scales_and_zeros(scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, N, 2) -> scales, zeros (N, G)."""
+    sz = scales_and_zeros.transpose(0, 1)
+    return sz[..., 0], sz[..., 1]
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Portable nibble packing: q (N, K) 0..15 -> (N, K/2) uint8, byte j = q[2j] | q[2j+1] << 4."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: (N, K/2) uint8 -> (N, K) uint8."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+# torch's CPU layout packs each block of BLOCK_N rows on its own (BLOCK_N = 32 with AVX2, 64 with
+# AVX-512) into a contiguous run of BLOCK_N * K / 2 bytes, nibble order depending on the ISA. We
+# only rely on "blocks of 64 rows are independent and in order", which holds for every BLOCK_N that
+# divides 64, and learn the order inside a block by packing probes (see `_nibble_positions`).
+PACK_ROWS = 64
+PACK_CHUNK_ROWS = 4096  # rows converted at a time: bounds the int32 staging copy to 16 KiB * K
+
+
+def pack_int4_for_cpu(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) uint8 0..15 -> torch's CPU int4pack layout (N, K/2) uint8 (ISA-specific: not for
+    files). Converted in row chunks so the int32 copy the converter wants stays small."""
+    chunks = [
+        torch._convert_weight_to_int4pack_for_cpu(q[i : i + PACK_CHUNK_ROWS].to(torch.int32), 1)
+        for i in range(0, q.shape[0], PACK_CHUNK_ROWS)
+    ]
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _nibble_positions(rows: int, K: int) -> torch.Tensor:
+    """(rows, K) int64: where element (n, k) of a `rows`-row matrix lands in the CPU-packed nibble
+    stream (byte i holds nibbles 2i (low) and 2i+1 (high)). Found by packing the index's hex
+    digits: each digit plane packs like any int4 matrix, and reading the planes back spells out the
+    source index of every packed nibble."""
+    n = rows * K
+    index = torch.arange(n, dtype=torch.int64)
+    source = torch.zeros(n, dtype=torch.int64)
+    for shift in range(0, max(n - 1, 1).bit_length(), 4):
+        digits = ((index >> shift) & 15).reshape(rows, K).to(torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(digits, 1).reshape(-1)
+        nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
+        source |= nibbles.to(torch.int64) << shift
+    positions = torch.empty(n, dtype=torch.int64)
+    positions[source] = index
+    assert torch.equal(torch.sort(source).values, index), "CPU int4 packing is not a permutation"
+    return positions.reshape(rows, K)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    flat = packed.reshape(-1)
+    return torch.stack([flat & 15, flat >> 4], dim=-1).reshape(-1)  # (N * K,) in packed order
+
+
+def unpack_int4_from_cpu(packed: torch.Tensor) -> torch.Tensor:
+    """Read all codes back from torch's CPU layout: packed (N, K/2) -> q (N, K) uint8.
+    One gather per 64-row block with a shared index (~80 ms for a 49152 x 576 LM head)."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    full = N // PACK_ROWS * PACK_ROWS
+    nib = _nibbles(packed)
+    out = torch.empty(N, K, dtype=torch.uint8)
+    if full:
+        index = _nibble_positions(PACK_ROWS, K).reshape(1, -1).expand(full // PACK_ROWS, -1)
+        out[:full] = torch.gather(nib[: full * K].reshape(-1, PACK_ROWS * K), 1, index).reshape(full, K)
+    if full < N:  # the last, shorter block of N % 64 rows is packed on its own
+        out[full:] = nib[full * K :][_nibble_positions(N - full, K)]
+    return out
+
+
+def unpack_int4_rows_from_cpu(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Codes of a few rows (an embedding lookup): rows (R,) int64 -> q (R, K) uint8, reading only
+    the bytes those rows occupy."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    full = N // PACK_ROWS * PACK_ROWS
+    pos = torch.empty(rows.numel(), K, dtype=torch.int64)  # nibble positions, (R, K)
+    in_full = rows < full
+    rf, rt = rows[in_full], rows[~in_full]
+    pos[in_full] = _nibble_positions(PACK_ROWS, K)[rf % PACK_ROWS] + (rf - rf % PACK_ROWS)[:, None] * K
+    if len(rt):
+        pos[~in_full] = _nibble_positions(N - full, K)[rt - full] + full * K
+    byte = packed.reshape(-1)[pos // 2]
+    return (byte >> ((pos % 2) * 4).to(torch.uint8)) & 15
+
+
+# ---- int8 ---------------------------------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (q int8 (N, K), scale bf16 (N,)), symmetric per output channel.
+    Codes are rounded against the bf16-rounded scale; |W - deq| <= scale / 2 (+ a clamp of at most
+    scale * 2^-8 on the row's largest entry when bf16 rounded the scale down)."""
+    check_int8_shape(*w.shape)
+    w = w.float()
+    scale = (w.abs().amax(-1) / 127).to(SCALE_DTYPE)
+    s = scale.float()[:, None]
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    q = torch.round(w / safe).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(q int8 (N, K), scale (N,)) -> W (N, K) in `dtype` (computed in fp32)."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 32, symmetric: bool = False) -> tuple:
+    """One entry point for offline tools: 4 -> `quantize_int4`, 8 -> `quantize_int8`."""
+    check_bits(bits, *w.shape)
+    return quantize_int4(w, group_size, symmetric) if bits == 4 else quantize_int8(w)

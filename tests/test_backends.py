@@ -1,0 +1,44 @@
+"""One executor interface: every back-end agrees on greedy tokens for the same GGUF and prompt."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgelm.backends import get_executor, greedy_tokens
+
+SMOL = Path(__file__).resolve().parents[2] / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "<|im_start|>user\nName three colours of the rainbow.<|im_end|>\n<|im_start|>assistant\n"
+BACKENDS = ["transformers"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+
+
+@pytest.fixture(scope="module")
+def native():
+    return get_executor("native")(SMOL, threads=2, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def native_tokens(native):
+    ids = native.tokenizer.encode(PROMPT, add_special_tokens=False)
+    return ids, greedy_tokens(native, ids, 8)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backends_agree_on_greedy_tokens(name, native_tokens):
+    ids, expected = native_tokens
+    other = get_executor(name)(SMOL, threads=2)
+    assert other.tokenizer.encode(PROMPT, add_special_tokens=False) == ids
+    assert greedy_tokens(other, ids, 8) == expected
+
+
+def test_native_reports_memory(native, native_tokens):
+    ids, _ = native_tokens
+    native.prefill(ids)
+    assert native.cache_bytes() > 0
+    assert native.weight_bytes() > 100e6  # fp32 SmolLM2
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown back-end 'onnx'"):
+        get_executor("onnx")
