@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
+    add_sparse_args(gen)
     chat = sub.add_parser("chat", help="interactive chat (streaming)")
     add_model_args(chat)
     add_sampling_args(chat)
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-tokens", type=int, default=256)
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--json", action="store_true")
+    add_sparse_args(b)
     prof = sub.add_parser("profile", help="sweep prompt lengths, back-ends, quantizations; report + plots")
     prof.add_argument("--model", default=DEFAULT_MODEL)
     prof.add_argument("--backend", default="native", help="comma list: native,llama.cpp,transformers")
@@ -59,7 +61,49 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--context", type=int, default=None, help="predict memory at this context")
     ins.add_argument("--batch", type=int, default=1, help="predict memory for this many sequences")
     ins.add_argument("--json", action="store_true")
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together")
+    srv.add_argument("--max-cache-mb", type=int, default=1024, help="KV cache budget in MiB")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    add_eval_parser(sub)
     return parser
+
+
+def add_sparse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sparse-attention",
+        "--sparse",
+        dest="sparse_attention",
+        default=None,
+        metavar="SPEC",
+        help="InfLLM v2 block-sparse attention, e.g. block=64,topk=16,window=512,dense_len=1024 "
+        "(also kernel, stride, init, chunk; 'default' = MiniCPM4's settings)",
+    )
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="quality: pass-key retrieval, long-context perplexity")
+    kinds = ev.add_subparsers(dest="eval_command", required=True)
+    pk = kinds.add_parser("passkey", help="pass-key retrieval accuracy at several lengths and depths")
+    add_model_args(pk)
+    add_sparse_args(pk)
+    pk.add_argument("--lengths", default="2048,4096,8192", help="comma list of prompt tokens")
+    pk.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="comma list, 0 = start of the text")
+    pk.add_argument("--trials", type=int, default=1, help="random keys per length and depth")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--json", action="store_true")
+    ppl = kinds.add_parser("ppl", help="sliding-window perplexity of a long text")
+    add_model_args(ppl)
+    add_sparse_args(ppl)
+    ppl.add_argument("--text", required=True, help="a text file")
+    ppl.add_argument("--ctx", type=int, required=True, help="window length in tokens")
+    ppl.add_argument("--stride", type=int, default=None, help="default ctx/2 (a window scores its last stride)")
+    ppl.add_argument("--max-windows", type=int, default=None)
+    ppl.add_argument("--text-offset", type=int, default=0, help="skip this many characters first")
+    ppl.add_argument("--json", action="store_true")
 
 
 def load_from_args(args):
@@ -71,7 +115,16 @@ def load_from_args(args):
 
     set_threads(args.threads)
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    return load(resolve_model(args.model), dtype=dtype, tokenizer_path=args.tokenizer)
+    sparse = sparse_config_from_args(args)
+    model = load(resolve_model(args.model), dtype=dtype, tokenizer_path=args.tokenizer)
+    return model.set_sparse_attention(sparse) if sparse is not None else model
+
+
+def sparse_config_from_args(args):
+    from edgelm.layers.sparse_attention import SparseConfig
+
+    spec = getattr(args, "sparse_attention", None)
+    return None if spec is None else SparseConfig.parse(spec)
 
 
 def sampling_from_args(args) -> dict:
@@ -218,7 +271,65 @@ def cmd_profile(args) -> None:
         print(f)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "bench": cmd_bench, "profile": cmd_profile}
+def cmd_serve(args) -> None:
+    from edgelm.server import require_server_deps, serve
+
+    require_server_deps()  # before the slow model load
+    if args.max_batch <= 0 or args.max_cache_mb <= 0:
+        raise ValueError("--max-batch and --max-cache-mb must be positive")
+    model = load_from_args(args)
+    serve(model, args.host, args.port, max_batch=args.max_batch, max_cache_bytes=args.max_cache_mb << 20,
+          api_key=args.api_key)
+
+
+def cmd_eval(args) -> None:
+    {"passkey": cmd_eval_passkey, "ppl": cmd_eval_ppl}[args.eval_command](args)
+
+
+def parse_list(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be a comma list of numbers, got {text!r}") from None
+
+
+def cmd_eval_passkey(args) -> None:
+    from dataclasses import asdict
+
+    from edgelm.eval.passkey import accuracy_table, run_passkey
+
+    lengths, depths = parse_list(args.lengths, int, "--lengths"), parse_list(args.depths, float, "--depths")
+    model = load_from_args(args)
+
+    def progress(r) -> None:
+        mark = "ok" if r.correct else "MISS"
+        print(f"  {r.length} tokens, depth {r.depth:g}: key {r.key} -> {r.answer!r} {mark}", file=sys.stderr)
+
+    results = run_passkey(model, lengths, depths, args.trials, args.seed, progress=progress)
+    print(json.dumps([asdict(r) for r in results], indent=2) if args.json else accuracy_table(results))
+
+
+def cmd_eval_ppl(args) -> None:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from edgelm.eval.ppl import perplexity
+
+    if not Path(args.text).is_file():
+        raise ValueError(f"{args.text}: no such file")
+    model = load_from_args(args)
+    text = Path(args.text).read_text(errors="replace")[args.text_offset :]
+    if args.max_windows:  # tokenize only what the windows need (generously: 10 characters a token)
+        text = text[: 10 * (args.ctx + (args.max_windows - 1) * (args.stride or args.ctx // 2))]
+    result = perplexity(model, model.tokenizer.encode(text), args.ctx, args.stride, args.max_windows)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return
+    for key, value in asdict(result).items():
+        print(f"{key:>10}: {value:.4f}" if isinstance(value, float) else f"{key:>10}: {value}")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "bench": cmd_bench, "profile": cmd_profile, "serve": cmd_serve, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

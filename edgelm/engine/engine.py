@@ -29,6 +29,7 @@ class EngineStats:
     cache_bytes_in_use: int = 0  # keys/values the running sequences hold (what the budget counts)
     cache_bytes_capacity: int = 0  # the budget, max_cache_bytes
     cache_bytes_allocated: int = 0  # what the slot buffers occupy (rectangular, see runner.py)
+    num_preempted: int = 0  # sequences sent back to wait so far (recomputed later)
 
 
 class LLMEngine:
@@ -43,7 +44,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, max_batch)
         self.bytes_per_token = self.runner.bytes_per_token
         if max_cache_bytes < self.bytes_per_token:
-            raise ValueError(f"max_cache_bytes {max_cache_bytes} holds no token ({self.bytes_per_token} B each)")
+            raise ValueError(
+                f"max_cache_bytes {max_cache_bytes} holds no token ({self.bytes_per_token} B each)"
+            )
         self.max_cache_bytes = max_cache_bytes
         self.scheduler = Scheduler(max_batch, max_cache_bytes // self.bytes_per_token, prefill_chunk)
         self.seqs: dict[int, Sequence] = {}
@@ -71,7 +74,9 @@ class LLMEngine:
             raise ValueError(f"sequence id {seq_id} is already in use")
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
         context = self.model.context_length
-        seq = Sequence(seq_id, list(prompt_ids), params, eos_ids=eos, tokenizer=self.tokenizer, context_length=context)
+        seq = Sequence(
+            seq_id, list(prompt_ids), params, eos_ids=eos, tokenizer=self.tokenizer, context_length=context
+        )
         self.seqs[seq_id] = seq
         self.scheduler.add(seq)
         return seq_id
@@ -89,7 +94,7 @@ class LLMEngine:
         return [self.abort(seq_id, reason) for seq_id in list(self.seqs)]
 
     def step(self) -> list[StepOutput]:
-        """Schedule, run one forward per phase, sample; returns this step's outputs."""
+        """Schedule, run the prompt chunks and one batched decode, sample; returns the outputs."""
         plan = self.scheduler.schedule()
         for seq in plan.evicted:
             self.runner.free(seq.id)
@@ -97,10 +102,12 @@ class LLMEngine:
         outputs = plan.outputs + [self._sample(seq, logits[i : i + 1]) for i, seq in enumerate(plan.sampling)]
         for seq in self.scheduler.retire():
             self.runner.free(seq.id)
-        for out in outputs:
-            if out.finish_reason is not None:
-                self.seqs.pop(out.seq_id, None)
+        self._forget([o.seq_id for o in outputs if o.finish_reason is not None])
         return outputs
+
+    def _forget(self, seq_ids: list[int]) -> None:
+        for seq_id in seq_ids:
+            del self.seqs[seq_id]
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
         try:
@@ -124,6 +131,7 @@ class LLMEngine:
             self.cache_bytes_in_use,
             self.max_cache_bytes,
             self.runner.cache.nbytes,
+            self.scheduler.num_preempted,
         )
 
 

@@ -4,7 +4,7 @@ The cache holds, per attention layer, keys and values of shape (max_batch, Hkv, 
 row ("slot") per running sequence, key i of a slot at position i. Active sequences occupy slots
 0..n-1; freeing a slot moves the last one into it, so a decode step always runs rows [0, n).
 
-- prefill: one sequence (batch 1) feeds a chunk of its tokens into its slot, through the ordinary
+- prefill: a sequence (batch 1) feeds a chunk of its tokens into its slot, through the ordinary
   uniform-offset forward (plain causal mask).
 - decode: every active slot feeds one token in a single forward. Rows sit at different positions,
   so the layers see per-row `row_offsets` (RoPE positions) and a per-row key mask; a slot that
@@ -30,6 +30,8 @@ def attention_shapes(model) -> list[tuple[int, int]]:
             raise NotImplementedError(
                 f"the batched engine supports attention-only models; layer {i} is {type(layer).__name__}"
             )
+        if getattr(attn, "sparse", None) is not None:
+            raise NotImplementedError("the batched engine does not support block-sparse attention yet")
         shapes.append((attn.num_kv_heads, attn.head_dim))
     return shapes
 
@@ -134,7 +136,7 @@ class SlotKVCache:
 
 
 class ModelRunner:
-    """Runs a scheduler `Plan` on the model: one prefill chunk and one batched decode per step."""
+    """Runs a scheduler `Plan` on the model: prompt chunks (batch 1 each), then one batched decode."""
 
     def __init__(self, model, max_batch: int):
         self.model = model
@@ -166,9 +168,10 @@ class ModelRunner:
     def execute(self, plan) -> torch.Tensor:
         """Feed the plan's tokens; returns logits (len(plan.sampling), V) float32 in that order."""
         rows = []
-        if plan.prefill is not None:
-            logits = self.prefill(plan.prefill, plan.prefill_end)
-            if plan.prefill_end == plan.prefill.num_tokens:
+        for seq, end in plan.prefills:
+            done = end == seq.num_tokens
+            logits = self.prefill(seq, end)
+            if done:
                 rows.append(logits)
         if plan.decode:
             rows.append(self.decode(plan.decode))

@@ -5,10 +5,11 @@ Policy, in the order `schedule()` applies it:
    (see `Sequence`). While their sum exceeds the KV budget, the most recently admitted sequence is
    preempted by recompute: its cache is dropped and it goes back to the front of the waiting queue
    with its generated tokens, to be prefilled again later (greedy output does not change).
-2. Admission: FIFO, one sequence at a time, only when no prompt is mid-prefill, a slot is free
-   (`max_batch`) and its whole prompt fits in the budget.
-3. Work: one chunk of at most `prefill_chunk` prompt tokens for the prefilling sequence, plus one
-   decode token for every other running sequence.
+2. Chunked prefill: a step feeds at most `prefill_chunk` prompt tokens in all. Prompts already
+   mid-prefill go first, one chunk each; the rest of the allowance admits waiting sequences, FIFO,
+   while a slot is free (`max_batch`) and the whole prompt fits in the KV budget. A long prompt
+   thus takes several steps, and a burst of short ones shares a step.
+3. Decode: every running sequence past its prompt feeds one token, in the same step.
 """
 
 from collections import deque
@@ -19,11 +20,10 @@ from edgelm.engine.sequence import Sequence, Status, StepOutput
 
 @dataclass
 class Plan:
-    """One step's work. The runner feeds `prefill.token_ids[num_cached:prefill_end]` and one token per
-    `decode` sequence; `evicted` sequences lost their cache and must give their slots back first."""
+    """One step's work. For each (seq, end) in `prefills` the runner feeds seq.token_ids[num_cached:end];
+    each `decode` sequence feeds one token. `evicted` sequences lost their cache: free their slots first."""
 
-    prefill: Sequence | None = None
-    prefill_end: int = 0
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
     evicted: list[Sequence] = field(default_factory=list)
     outputs: list[StepOutput] = field(default_factory=list)  # sequences the scheduler itself ended
@@ -31,8 +31,7 @@ class Plan:
     @property
     def sampling(self) -> list[Sequence]:
         """Sequences that get a next token this step, in the order the runner returns logits."""
-        done = self.prefill is not None and self.prefill_end == self.prefill.num_tokens
-        return ([self.prefill] if done else []) + self.decode
+        return [seq for seq, end in self.prefills if end == seq.num_tokens] + self.decode
 
 
 class Scheduler:
@@ -42,6 +41,7 @@ class Scheduler:
         self.max_batch, self.max_cache_tokens, self.prefill_chunk = max_batch, max_cache_tokens, prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
+        self.num_preempted = 0
 
     @property
     def num_cached_tokens(self) -> int:
@@ -63,11 +63,14 @@ class Scheduler:
     def schedule(self) -> Plan:
         plan = Plan()
         self._make_room(plan)
-        self._admit()
-        plan.prefill = next((s for s in self.running if s.is_prefilling), None)
-        if plan.prefill is not None:
-            plan.prefill_end = min(plan.prefill.num_cached + self.prefill_chunk, plan.prefill.num_tokens)
         plan.decode = [s for s in self.running if not s.is_prefilling]
+        allowance = self.prefill_chunk
+        for seq in [s for s in self.running if s.is_prefilling] + self._admit():
+            if allowance <= 0:
+                break
+            end = min(seq.num_cached + allowance, seq.num_tokens)
+            plan.prefills.append((seq, end))
+            allowance -= end - seq.num_cached
         return plan
 
     def _make_room(self, plan: Plan) -> None:
@@ -77,19 +80,28 @@ class Scheduler:
             if self.running:
                 victim.preempt()
                 self.waiting.appendleft(victim)
+                self.num_preempted += 1
             else:  # alone and still too long: the budget caps its length
                 plan.outputs.append(victim.finish("length"))
 
-    def _admit(self) -> None:
-        if not self.waiting or len(self.running) >= self.max_batch:
-            return
-        if any(s.is_prefilling for s in self.running):
-            return  # one prompt at a time keeps each step's prefill to one chunk
+    def _admit(self) -> list[Sequence]:
+        """Admit waiting sequences (FIFO) into this step's leftover prefill allowance."""
+        allowance = self.prefill_chunk - sum(
+            s.num_tokens - s.num_cached for s in self.running if s.is_prefilling
+        )
         held = sum(s.num_tokens for s in self.running)
-        if held + self.waiting[0].num_tokens <= self.max_cache_tokens:
-            seq = self.waiting.popleft()
+        admitted = []
+        while self.waiting and allowance > 0 and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            if held + seq.num_tokens > self.max_cache_tokens:
+                break
+            self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
+            admitted.append(seq)
+            held += seq.num_tokens
+            allowance -= seq.num_tokens - seq.num_cached
+        return admitted
 
     def retire(self) -> list[Sequence]:
         """Remove finished sequences from the running set; returns them (their slots are to free)."""

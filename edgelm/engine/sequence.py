@@ -84,7 +84,9 @@ class Sequence:
         self.eos_ids = frozenset(() if params.ignore_eos else eos_ids)
         # Each request samples with its own generator, so its draws never depend on its neighbours.
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self.sampler = make_sampler(params.temperature, params.top_p, params.top_k, params.min_p, self.generator)
+        self.sampler = make_sampler(
+            params.temperature, params.top_p, params.top_k, params.min_p, self.generator
+        )
         self.detok = tokenizer.detokenizer(context=self.token_ids) if tokenizer is not None else None
         self.stopper = _StopMatcher(params.stop)
         self.status = Status.WAITING

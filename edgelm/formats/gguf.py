@@ -105,9 +105,12 @@ GGUF_ARCHITECTURES = {
     "granite": "granite",
     "minicpm": "minicpm",
     "gemma3": "gemma3_text",
+    "granitemoe": "granitemoe",
+    "granitehybrid": "granitemoehybrid",
+    "mamba2": "mamba2",
 }
 # llama.cpp permutes Q/K rows to interleaved RoPE pairs for these archs; we undo it.
-PERMUTED_QK = {"llama", "granite", "minicpm"}
+PERMUTED_QK = {"llama", "granite", "minicpm", "granitemoe", "granitehybrid"}
 
 # "{arch}.<key>" -> config.json field
 GGUF_CONFIG_KEYS = {
@@ -149,6 +152,131 @@ GGUF_TENSOR_NAMES = {
 }
 GGUF_TENSOR_NAMES_BY_ARCH = {"gemma3": {"ffn_norm": "pre_feedforward_layernorm"}}
 
+# --- Granite MoE, Granite 4.0-H (granitehybrid) and Mamba-2 ---------------------------------
+# llama.cpp splits the fused expert / shared-expert `input_linear` (gate rows, then up rows) into
+# two tensors; "<name>:gate" / "<name>:up" are joined back by `merge_gate_up`.
+_GRANITE_MOE_NAMES = {
+    "ffn_gate_inp": "block_sparse_moe.router.layer",
+    "ffn_gate_exps": "block_sparse_moe.input_linear:gate",
+    "ffn_up_exps": "block_sparse_moe.input_linear:up",
+    "ffn_down_exps": "block_sparse_moe.output_linear",
+    "ffn_gate_shexp": "shared_mlp.input_linear:gate",
+    "ffn_up_shexp": "shared_mlp.input_linear:up",
+    "ffn_down_shexp": "shared_mlp.output_linear",
+}
+# Mamba-2 mixer tensors, relative to the mixer module. llama.cpp stores A = -exp(A_log) as (H, 1),
+# D as (H, 1), the gated norm as (G, d_inner / G) and the conv weight as (C, K): see `ssm_tensor`.
+_SSM_NAMES = {
+    "ssm_in.weight": "in_proj.weight",
+    "ssm_in.bias": "in_proj.bias",
+    "ssm_conv1d.weight": "conv1d.weight",
+    "ssm_conv1d.bias": "conv1d.bias",
+    "ssm_dt.bias": "dt_bias",
+    "ssm_a": "A_log",
+    "ssm_d": "D",
+    "ssm_norm.weight": "norm.weight",
+    "ssm_out.weight": "out_proj.weight",
+    "ssm_out.bias": "out_proj.bias",
+}
+GGUF_TENSOR_NAMES_BY_ARCH["granitemoe"] = _GRANITE_MOE_NAMES
+GGUF_TENSOR_NAMES_BY_ARCH["granitehybrid"] = {
+    **_GRANITE_MOE_NAMES,
+    # dense H models: the shared MLP is written as a plain FFN
+    "ffn_gate": "shared_mlp.input_linear:gate",
+    "ffn_up": "shared_mlp.input_linear:up",
+    "ffn_down": "shared_mlp.output_linear",
+}
+GGUF_TENSOR_NAMES_BY_ARCH["mamba2"] = {"attn_norm": "norm"}
+# "blk.N.<rest>" -> "model.layers.N.<name>" for tensors whose name is not <base>.<weight|bias>
+GGUF_LAYER_TENSOR_NAMES_BY_ARCH = {
+    "granitehybrid": {k: f"mamba.{v}" for k, v in _SSM_NAMES.items()},
+    "mamba2": {k: f"mixer.{v}" for k, v in _SSM_NAMES.items()},
+}
+_EXPERT_KEYS = {
+    "expert_count": "num_local_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_shared_feed_forward_length": "shared_intermediate_size",
+}
+# "{arch}.<key>" -> config field, on top of (and overriding) GGUF_CONFIG_KEYS
+GGUF_CONFIG_KEYS_BY_ARCH = {
+    "granitemoe": _EXPERT_KEYS,
+    "granitehybrid": {
+        **_EXPERT_KEYS,
+        "ssm.conv_kernel": "mamba_d_conv",
+        "ssm.state_size": "mamba_d_state",
+        "ssm.group_count": "mamba_n_groups",
+        "ssm.time_step_rank": "mamba_n_heads",  # llama.cpp stores the head count here
+    },
+    "mamba2": {
+        "ssm.conv_kernel": "conv_kernel",
+        "ssm.state_size": "state_size",
+        "ssm.group_count": "n_groups",
+        "ssm.time_step_rank": "num_heads",
+        "attention.layer_norm_rms_epsilon": "layer_norm_epsilon",
+    },
+}
+
+
+def _granitehybrid_config(g: "GGUFFile", config: dict) -> None:
+    """Per-layer head_count_kv (0 marks a Mamba layer) -> layer_types; ssm sizes -> mamba_*."""
+    m, arch = g.metadata, g.architecture
+    kv = config.get("num_key_value_heads")
+    kv = kv if isinstance(kv, list) else [kv or 0] * config["num_hidden_layers"]
+    config["layer_types"] = ["attention" if n else "mamba" for n in kv]
+    config["num_key_value_heads"] = max(kv) or config["num_attention_heads"]
+    inner = m.get(f"{arch}.ssm.inner_size")
+    if inner:
+        config["mamba_expand"] = inner // config["hidden_size"]
+        config["mamba_d_head"] = inner // config["mamba_n_heads"]
+    # llama.cpp's Granite graphs apply RoPE only when this flag is set (default on); H models clear it.
+    rope = m.get(f"{arch}.rope.scaling.finetuned", True)
+    config["position_embedding_type"] = "rope" if rope else "nope"
+
+
+def _mamba2_config(g: "GGUFFile", config: dict) -> None:
+    inner = g.metadata[f"{g.architecture}.ssm.inner_size"]
+    config["expand"] = inner // config["hidden_size"]
+    config["head_dim"] = inner // config["num_heads"]
+
+
+GGUF_CONFIG_FIXUPS = {"granitehybrid": _granitehybrid_config, "mamba2": _mamba2_config}
+
+
+def ssm_tensor(hf_name: str, t: "GGUFTensor"):
+    """Undo llama.cpp's Mamba-2 layouts: A_log = log(-A); flat D and norm; conv weight (C, 1, K)."""
+    numel = int(np.prod(t.shape))
+    if hf_name.endswith(".A_log"):
+        return torch.log(-t.to_torch(torch.float32).reshape(-1))
+    if hf_name.endswith((".D", ".norm.weight")):
+        return GGUFTensor(t.name, t.type_name, (numel,), t.data)
+    if hf_name.endswith(".conv1d.weight") and len(t.shape) == 2:
+        return GGUFTensor(t.name, t.type_name, (t.shape[0], 1, t.shape[1]), t.data)
+    return t
+
+
+def merge_gate_up(tensors: dict) -> dict:
+    """Join "<name>:gate.weight" and "<name>:up.weight" rows into "<name>.weight" (gate first)."""
+    out = {}
+    for name, t in tensors.items():
+        if ":up." in name:
+            continue
+        if ":gate." not in name:
+            out[name] = t
+            continue
+        up = tensors[name.replace(":gate.", ":up.")]
+        out[name.replace(":gate.", ".")] = _concat_rows(t, up)
+    return out
+
+
+def _concat_rows(a, b):
+    """Concatenate along the output rows (dim -2); raw blocks when both share one GGML type."""
+    if isinstance(a, GGUFTensor) and isinstance(b, GGUFTensor) and a.type_name == b.type_name:
+        shape = (*a.shape[:-2], a.shape[-2] + b.shape[-2], a.shape[-1])
+        data = np.concatenate([np.asarray(a.data), np.asarray(b.data)], axis=-2)
+        return GGUFTensor(a.name, a.type_name, shape, data)
+    as_torch = [x.to_torch(torch.float32) if isinstance(x, GGUFTensor) else x for x in (a, b)]
+    return torch.cat(as_torch, dim=-2)
+
 
 def gguf_config(g: GGUFFile) -> dict:
     """GGUF metadata -> a config.json-style dict."""
@@ -160,12 +288,14 @@ def gguf_config(g: GGUFFile) -> dict:
         )
     m = g.metadata
     config = {"model_type": GGUF_ARCHITECTURES[arch]}
-    for key, field in GGUF_CONFIG_KEYS.items():
+    for key, field in {**GGUF_CONFIG_KEYS, **GGUF_CONFIG_KEYS_BY_ARCH.get(arch, {})}.items():
         if f"{arch}.{key}" in m:
             config[field] = m[f"{arch}.{key}"]
     tokens = m.get("tokenizer.ggml.tokens")
     config["vocab_size"] = m.get(f"{arch}.vocab_size", len(tokens) if tokens else None)
     config["tie_word_embeddings"] = "output.weight" not in g.tensors
+    if arch in GGUF_CONFIG_FIXUPS:
+        GGUF_CONFIG_FIXUPS[arch](g, config)
     config["rope_parameters"] = _gguf_rope(g, arch, config)
     for key in ("bos_token_id", "eos_token_id"):
         if f"tokenizer.ggml.{key}" in m:
@@ -197,6 +327,9 @@ def hf_tensor_name(name: str, arch: str) -> str | None:
     parts = name.split(".")
     table = {**GGUF_TENSOR_NAMES, **GGUF_TENSOR_NAMES_BY_ARCH.get(arch, {})}
     if parts[0] == "blk":
+        full = GGUF_LAYER_TENSOR_NAMES_BY_ARCH.get(arch, {}).get(".".join(parts[2:]))
+        if full is not None:
+            return f"model.layers.{parts[1]}.{full}"
         base = table.get(parts[2])
         return None if base is None else f"model.layers.{parts[1]}.{base}.{parts[-1]}"
     base = table.get(parts[0])
@@ -216,5 +349,7 @@ def gguf_tensors(g: GGUFFile, config: dict) -> dict[str, GGUFTensor]:
             heads = config["num_attention_heads" if ".q_proj." in hf else "num_key_value_heads"]
             rows = interleaved_to_half(torch.arange(t.shape[0]), heads).numpy()
             t = GGUFTensor(t.name, t.type_name, t.shape, np.asarray(t.data)[rows])
+        if arch in GGUF_LAYER_TENSOR_NAMES_BY_ARCH:
+            t = ssm_tensor(hf, t)
         out[hf] = t
-    return out
+    return merge_gate_up(out)

@@ -162,6 +162,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.scale = scale if scale is not None else head_dim**-0.5
         self.rope, self.window, self.softcap = rope, window, softcap
+        self.sparse = None  # InfLLM v2 executor, set by CausalLM.set_sparse_attention
 
     @property
     def qkv_sizes(self) -> list[int]:
@@ -191,7 +192,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # may drop keys a sliding window no longer sees
-        # the keys returned cover absolute positions [offset + L - S, offset + L)
-        mask = ctx.mask(ctx.offset + L - k.shape[2], k.shape[2], self.window)
-        out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, L, D)
+        if self.sparse is not None:  # block-sparse attention (dense below its dense_len)
+            out = self.sparse(q, k, v, cache, ctx, self.scale)  # (B, H, L, D)
+        else:
+            # the keys returned cover absolute positions [offset + L - S, offset + L)
+            mask = ctx.mask(ctx.offset + L - k.shape[2], k.shape[2], self.window)
+            out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, L, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))

@@ -56,10 +56,14 @@ class TopKRouter(nn.Module):
 class MoE(nn.Module):
     """router.layer (E, hidden), input_linear (E, 2I, hidden), output_linear (E, hidden, I)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, act: str = "silu"):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, act: str = "silu"
+    ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"num_experts_per_tok {top_k} must be between 1 and num_local_experts {num_experts}")
+            raise ValueError(
+                f"num_experts_per_tok {top_k} must be between 1 and num_local_experts {num_experts}"
+            )
         self.router = TopKRouter(hidden_size, num_experts, top_k)
         self.input_linear = ExpertWeights(num_experts, 2 * intermediate_size, hidden_size)
         self.output_linear = ExpertWeights(num_experts, hidden_size, intermediate_size)
@@ -68,7 +72,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (T, hidden)
         weights, idx = self.router(flat)
-        out = grouped_experts(flat, weights, idx, self.input_linear.weight, self.output_linear.weight, self.act)
+        out = grouped_experts(
+            flat, weights, idx, self.input_linear.weight, self.output_linear.weight, self.act
+        )
         return out.view_as(x)
 
 
@@ -77,7 +83,7 @@ def grouped_experts(x, weights, idx, w_in, w_out, act) -> torch.Tensor:
 
     The T·k (token, expert) pairs are sorted by expert, so expert e's tokens are one contiguous
     block: one gather, one matmul pair per active expert, one scatter-add back."""
-    T, k = idx.shape
+    k = idx.shape[1]
     flat_idx = idx.reshape(-1)  # (T·k,)
     order = flat_idx.argsort(stable=True)
     token_of = order // k  # which token each sorted pair belongs to

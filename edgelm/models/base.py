@@ -66,14 +66,33 @@ class CausalLM(nn.Module):
                 module.fuse()
         return self
 
+    def set_sparse_attention(self, config) -> "CausalLM":
+        """Use InfLLM v2 block-sparse attention (a `SparseConfig`; None = dense again) in every
+        full-attention layer. Training-free on any dense model; sliding-window layers stay as they are.
+        Make caches after calling this (sparse layers keep compressed keys in their cache)."""
+        from edgelm.layers.sparse_attention import SparseAttention
+
+        executor = None if config is None else SparseAttention(config)
+        for layer in self.layers:
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or getattr(attn, "window", None) is not None:
+                continue
+            if executor is not None and attn.softcap is not None:
+                raise ValueError("sparse attention does not support attention logit soft-capping")
+            attn.sparse = executor
+        return self
+
     def make_cache(self, left_pad=None, max_size: int | None = None) -> list:
         """One cache per layer. `left_pad` (B,) gives each row's left padding for batched prompts."""
         lp = None if left_pad is None else torch.as_tensor(left_pad, dtype=torch.long).reshape(-1)
         caches = []
         for layer in self.layers:
             window = getattr(getattr(layer, "self_attn", None), "window", None)
+            sparse = getattr(getattr(layer, "self_attn", None), "sparse", None)
             if window is not None:
                 caches.append(SlidingWindowKVCache(window, lp))
+            elif sparse is not None:
+                caches.append(sparse.make_cache(lp, max_size))  # KV + compressed keys
             else:
                 caches.append(KVCache(lp, max_size))
         return caches

@@ -73,7 +73,9 @@ class ModelArgs(BaseConfig):
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        self.layer_types = list(self.layer_types or self.layers_block_type or ["mamba"] * self.num_hidden_layers)
+        self.layer_types = list(
+            self.layer_types or self.layers_block_type or ["mamba"] * self.num_hidden_layers
+        )
         self.layers_block_type = None
         self._check_layer_types()
         self._check_mamba()
@@ -87,7 +89,9 @@ class ModelArgs(BaseConfig):
 
     def _check_layer_types(self) -> None:
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
         unknown = sorted(set(self.layer_types) - set(LAYER_KINDS))
         if unknown:
             raise ValueError(f"unknown layer types {unknown}; expected one of {sorted(LAYER_KINDS)}")
@@ -106,7 +110,9 @@ class ModelArgs(BaseConfig):
                 f"d_inner = mamba_expand × hidden_size = {self.mamba_expand} × {self.hidden_size} = {d_inner}"
             )
         if self.mamba_n_heads % self.mamba_n_groups:
-            raise ValueError(f"mamba_n_groups {self.mamba_n_groups} does not divide mamba_n_heads {self.mamba_n_heads}")
+            raise ValueError(
+                f"mamba_n_groups {self.mamba_n_groups} does not divide mamba_n_heads {self.mamba_n_heads}"
+            )
 
     @property
     def kinds(self) -> list[str]:
@@ -158,7 +164,11 @@ class DecoderLayer(nn.Module):
         self.block_sparse_moe = None
         if args.num_local_experts > 0:
             self.block_sparse_moe = MoE(
-                args.hidden_size, args.intermediate_size, args.num_local_experts, args.num_experts_per_tok, args.hidden_act
+                args.hidden_size,
+                args.intermediate_size,
+                args.num_local_experts,
+                args.num_experts_per_tok,
+                args.hidden_act,
             )
         self.shared_mlp = None
         if args.shared_intermediate_size > 0:

@@ -1,4 +1,4 @@
-"""MiniCPM / MiniCPM4 (dense; sparse attention is a later layer option).
+"""MiniCPM / MiniCPM4 (dense, or InfLLM v2 block-sparse attention when config.json has `sparse_config`).
 
 MiniCPM's μP scales map onto llama.py's multipliers:
     embedding_multiplier = scale_emb
@@ -9,6 +9,7 @@ MiniCPM's μP scales map onto llama.py's multipliers:
 import dataclasses
 import math
 
+from edgelm.layers.sparse_attention import SparseConfig
 from edgelm.models import llama
 
 
@@ -27,4 +28,10 @@ class ModelArgs(llama.ModelArgs):
             self.logits_scaling = self.hidden_size / self.dim_model_base
 
 
-Model = llama.Model
+class Model(llama.Model):
+    """With a `sparse_config` (MiniCPM4), every attention layer runs InfLLM v2 sparse attention."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        if args.sparse_config:
+            self.set_sparse_attention(SparseConfig.from_dict(args.sparse_config))

@@ -17,8 +17,14 @@ from edgelm.engine import SamplingParams, StepOutput, TokenLogprob
 class APIError(Exception):
     """An error the client sees as {"error": {"message", "type", "code"}} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.headers = status, message, type, code, headers
 
@@ -66,8 +72,15 @@ class _GenerationRequest(BaseModel):
         max_tokens = self.max_tokens or self.default_max_tokens
         return [
             SamplingParams(
-                max_tokens, self.temperature, self.top_p, self.top_k, self.min_p,
-                None if self.seed is None else self.seed + i, stop, self.ignore_eos, self.num_logprobs,
+                max_tokens,
+                self.temperature,
+                self.top_p,
+                self.top_k,
+                self.min_p,
+                None if self.seed is None else self.seed + i,
+                stop,
+                self.ignore_eos,
+                self.num_logprobs,
             )
             for i in range(self.n)
         ]
@@ -125,10 +138,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 class Renderer:
     """Builds one endpoint's response objects; `token_text(id)` spells a token for logprobs."""
 
-    object = chunk_object = prefix = ""
+    object_type = chunk_type = id_prefix = ""
 
     def __init__(self, model: str, token_text: Callable[[int], str]):
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.model, self.token_text, self.created = model, token_text, int(time.time())
 
     def _envelope(self, obj: str, choices: list, usage_: dict | None = None) -> dict:
@@ -138,13 +151,13 @@ class Renderer:
         return out
 
     def chunk(self, index: int, out: StepOutput) -> dict:
-        return self._envelope(self.chunk_object, [self.stream_choice(index, out)])
+        return self._envelope(self.chunk_type, [self.stream_choice(index, out)])
 
     def usage_chunk(self, usage_: dict) -> dict:
-        return self._envelope(self.chunk_object, [], usage_)
+        return self._envelope(self.chunk_type, [], usage_)
 
     def response(self, choices: list["Choice"], usage_: dict) -> dict:
-        return self._envelope(self.object, [self.final_choice(c) for c in choices], usage_)
+        return self._envelope(self.object_type, [self.final_choice(c) for c in choices], usage_)
 
 
 class Choice:
@@ -165,12 +178,16 @@ class Choice:
 
 
 class ChatRenderer(Renderer):
-    object, chunk_object, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+    object_type, chunk_type, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
     def role_chunk(self, index: int) -> dict:
-        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                  "finish_reason": None}
-        return self._envelope(self.chunk_object, [choice])
+        choice = {
+            "index": index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        return self._envelope(self.chunk_type, [choice])
 
     def stream_choice(self, index: int, out: StepOutput) -> dict:
         lp = {"content": [self._entry(out.logprob)]} if out.logprob is not None else None
@@ -192,7 +209,7 @@ class ChatRenderer(Renderer):
 
 
 class CompletionRenderer(Renderer):
-    object, chunk_object, prefix = "text_completion", "text_completion", "cmpl"
+    object_type, chunk_type, id_prefix = "text_completion", "text_completion", "cmpl"
 
     def role_chunk(self, index: int) -> None:
         return None

@@ -54,7 +54,10 @@ def build_frequency_ranking(
 ) -> dict[int, torch.Tensor]:
     """{size: LongTensor (size,) of the most frequent ids} for each size, from one count."""
     check_sizes(sizes, tokenizer.vocab_size)
-    always = [*tokenizer.eos_token_ids, *([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])]
+    always = [
+        *tokenizer.eos_token_ids,
+        *([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []),
+    ]
     ranking = rank_ids(count_tokens(tokenizer, text_file, max_lines), always)
     return {int(s): ranking[:s].clone() for s in sizes}
 
@@ -87,7 +90,7 @@ def load_frequency_ranking(path: str | Path, tokenizer) -> dict[int, torch.Tenso
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not an FR-Spec ranking file (format {meta.get('format')!r})")
         check_vocabulary(meta, tokenizer, path)
-        return {int(name.removeprefix("top_")): f.get_tensor(name) for name in f.keys()}
+        return {int(name.removeprefix("top_")): f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def check_vocabulary(meta: dict, tokenizer, path) -> None:
@@ -115,23 +118,36 @@ def restrict_lm_head(model: nn.Module, ids: torch.Tensor) -> nn.Module:
     """A view of `model` whose LM head keeps only rows `ids`: logits (B, L, len(ids)), index j
     standing for token ids[j]. Every other weight is shared; the model's own `logits()` still
     applies `logits_scaling` / soft-capping, so draft probabilities are the model's, restricted."""
-    head = getattr(model, "lm_head", None)
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise ValueError(
-            f"FR-Spec slices lm_head.weight rows, but {type(head).__name__} has no float weight; "
-            "restrict the head before quantizing the draft, or keep its lm_head unquantized"
-        )
+    weight, bias = dense_head(model.lm_head)  # (V, hidden), (V,) or None
     ids = torch.as_tensor(ids, dtype=torch.long)
-    if ids.numel() == 0 or int(ids.max()) >= weight.shape[0]:
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]:
         raise ValueError(f"FR-Spec ids must be in 0..{weight.shape[0] - 1} (the LM head's rows)")
-    sub = nn.Linear(weight.shape[1], ids.numel(), bias=head.bias is not None, dtype=weight.dtype)
-    sub.weight = nn.Parameter(weight[ids].contiguous(), requires_grad=False)  # (V_high, hidden)
-    if head.bias is not None:
-        sub.bias = nn.Parameter(head.bias[ids].contiguous(), requires_grad=False)
+    sub = nn.Linear(weight.shape[1], ids.numel(), bias=bias is not None, dtype=weight.dtype)
+    sub.weight = nn.Parameter(weight[ids].contiguous(), requires_grad=False)  # (V_high, hidden), sliced once
+    if bias is not None:
+        sub.bias = nn.Parameter(bias[ids].contiguous(), requires_grad=False)
     view = module_view(model)
     view.lm_head = sub
     return view
+
+
+@torch.inference_mode()
+def dense_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (V, hidden), bias (V,) or None) of a linear LM head. A quantized head without a
+    float `weight` or `dequantize()` (edgelm.quant has one) is read back through its own forward:
+    head(I) − head(0) = Wᵀ and head(0) = bias, so any linear module works, whatever its packing."""
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight, head.bias
+    if hasattr(head, "dequantize"):
+        return head.dequantize(torch.float32), head.bias
+    if not hasattr(head, "in_features"):
+        raise ValueError(
+            f"FR-Spec needs a linear LM head; {type(head).__name__} has no weight or in_features"
+        )
+    zero = head(torch.zeros(1, head.in_features)).float()  # (1, V)
+    weight = (head(torch.eye(head.in_features)).float() - zero).T.contiguous()  # (V, hidden)
+    return weight, zero[0] if zero.any() else None
 
 
 def module_view(module: nn.Module) -> nn.Module:
@@ -151,15 +167,19 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def build_frequency_file(
-    model: str | Path, text_file: str | Path, sizes: Sequence[int] | str, out: str | Path,
-    max_lines: int | None = None, tokenizer_path: str | Path | None = None,
+    model: str | Path,
+    text_file: str | Path,
+    sizes: Sequence[int] | str,
+    out: str | Path,
+    max_lines: int | None = None,
+    tokenizer_path: str | Path | None = None,
 ) -> dict[int, torch.Tensor]:
     """`edgelm frspec build --model PATH --text FILE --sizes 8192,16384,32768 --out FILE`:
     reads only the model's tokenizer (no weights), counts, ranks and saves."""
-    tokenizer = load_tokenizer(model, tokenizer_path)
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else list(sizes)
     if not Path(text_file).is_file():
         raise ValueError(f"{text_file}: no such text file")
+    tokenizer = load_tokenizer(model, tokenizer_path)
     ranking = build_frequency_ranking(tokenizer, text_file, sizes, max_lines)
     save_frequency_ranking(out, ranking, tokenizer)
     return ranking

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from edgelm.cache import KVCache
 from edgelm.generate import PREFILL_CHUNK, check_prompt, prefill
 from edgelm.sampling import LogitsProcessor
 from edgelm.speculative.acceptance import SamplingParams, accept_greedy, accept_sampled, match_width
-from edgelm.speculative.proposers import Draft, Proposer
+from edgelm.speculative.proposers import Draft, Proposer, is_trimmable
 
 
 @dataclass
@@ -88,8 +87,10 @@ def speculative_generate_step(
     """Yield (token id, target logits (V,) it was chosen from) until max_tokens or the context is
     full, like `generate_step`. Greedy (the default sampling) yields the very same tokens; with
     temperature > 0 each token follows the target's distribution exactly (not the same random
-    stream). `num_draft` is k, the most draft tokens per verify (adaptive: chosen in 1..k each
-    step). `stats`, when given, is updated as tokens are yielded.
+    stream). `num_draft` is k, the most draft tokens per verify; `adaptive` picks 0..k each step
+    from the acceptance rate and the proposer's cost (`DraftLength`). `stats`, when given, is
+    updated as tokens are yielded. The sampler is `sampling` (settings as data: the acceptance
+    rule needs distributions, not just a sampled token).
     """
     if num_draft <= 0:
         raise ValueError(f"num_draft must be a positive number of draft tokens, got {num_draft}")
@@ -131,18 +132,13 @@ def verify(model, cache: list, history: list[int], draft: Draft, sampling: Sampl
     snapshots = None if is_trimmable(cache) else [c.snapshot() for c in cache]
     logits = model(torch.tensor([history[-1:] + draft.tokens]), cache)[0]  # (k+1, V)
     logits = process(history, draft.tokens, logits, processors)
-    if sampling.is_greedy:
+    if sampling.is_greedy:  # the rule and its proof: edgelm/speculative/acceptance.py
         n, token = accept_greedy(draft.tokens, logits)
     else:
         q = None if draft.probs is None else match_width(draft.probs, logits.shape[-1])
         n, token = accept_sampled(draft.tokens, q, sampling.probs(logits), sampling)
     rollback(model, cache, snapshots, k - n, history[-1:] + draft.tokens[:n])
     return n, logits[: n + 1], token
-
-
-def is_trimmable(cache: list) -> bool:
-    """KV caches (plain and sliding-window) trim a few positions; other states (an SSM's) cannot."""
-    return all(isinstance(c, KVCache) for c in cache)
 
 
 def rollback(model, cache: list, snapshots: list | None, num_drop: int, kept: list[int]) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgelm.cache import KVCache
 from edgelm.generate import prefill
 from edgelm.speculative.acceptance import SamplingParams
 from edgelm.speculative.frspec import module_view, restrict_lm_head
@@ -40,7 +41,9 @@ class Proposer:
     def bind(self, target) -> None:
         """Check this proposer can draft for `target`; called once per generation."""
 
-    def propose(self, context: Sequence[int] | torch.Tensor, k: int, sampling: SamplingParams | None = None) -> Draft:
+    def propose(
+        self, context: Sequence[int] | torch.Tensor, k: int, sampling: SamplingParams | None = None
+    ) -> Draft:
         return Draft([])
 
     def accept(self, num_accepted: int) -> None:
@@ -69,25 +72,32 @@ class NgramProposer(Proposer):
 
 class ModelProposer(Proposer):
     """Drafts with a model (B=1) and its own cache, kept in step with the context it is shown:
-    each `propose` feeds only the tokens the cache lacks, trimming what the context dropped."""
+    each `propose` feeds only the tokens the cache lacks, and `accept` drops the rejected drafts
+    (trimming a KV cache; restoring a snapshot and re-feeding for a state that cannot trim)."""
 
-    def __init__(self, model: nn.Module, frspec_ids: torch.Tensor | None = None):
+    def __init__(self, model: nn.Module, frspec_ids: torch.Tensor | None = None, cost: float | None = None):
+        self.fixed_cost = cost  # None: estimate from weight bytes in bind()
         self.vocab_width = vocab_rows(model)  # q's width: the draft's full vocabulary
         self.model = model if frspec_ids is None else restrict_lm_head(model, frspec_ids)
         self.ids = None if frspec_ids is None else torch.as_tensor(frspec_ids, dtype=torch.long)
         self.cache = self.model.make_cache()
         self.cached: list[int] = []  # the ids the draft cache holds, in order
-        self.num_fed_drafts = 0
+        self.fed: list[int] = []  # draft tokens fed since the last accept()
+        self.snapshots: list | None = None
 
     def bind(self, target) -> None:
         if self.vocab_width > vocab_rows(target):
-            raise ValueError(f"the draft scores {self.vocab_width} tokens but the target only {vocab_rows(target)}")
-        self.cost = forward_bytes(self.model) / forward_bytes(target)
+            raise ValueError(
+                f"the draft scores {self.vocab_width} tokens but the target only {vocab_rows(target)}"
+            )
+        estimate = forward_bytes(self.model) / forward_bytes(target)
+        self.cost = estimate if self.fixed_cost is None else self.fixed_cost
 
     @torch.inference_mode()
     def propose(self, context, k, sampling=None) -> Draft:
         context = context.reshape(-1).tolist() if isinstance(context, torch.Tensor) else list(context)
         logits = self._sync(context)
+        self.snapshots = None if is_trimmable(self.cache) else [c.snapshot() for c in self.cache]
         tokens, probs = [], []
         for i in range(k):
             token, q = self._pick(logits, sampling)
@@ -95,15 +105,25 @@ class ModelProposer(Proposer):
             probs.append(q)
             if i < k - 1:  # the last draft token is fed next time, with the target's token after it
                 logits = self._feed([token])
-        self.num_fed_drafts = max(k - 1, 0)
+        self.fed = tokens[:-1]
         return Draft(tokens, None if sampling is None or sampling.is_greedy else torch.stack(probs))
 
+    @torch.inference_mode()
     def accept(self, num_accepted: int) -> None:
-        self._trim(self.num_fed_drafts - min(num_accepted, self.num_fed_drafts))
-        self.num_fed_drafts = 0
+        keep, fed, self.fed = min(num_accepted, len(self.fed)), self.fed, []
+        if keep == len(fed):
+            return
+        if self.snapshots is None:
+            self._trim(len(fed) - keep)
+            return
+        for c, s in zip(self.cache, self.snapshots):
+            c.restore(s)
+        del self.cached[len(self.cached) - len(fed) :]
+        if keep:
+            self._feed(fed[:keep])
 
     def _sync(self, context: list[int]) -> torch.Tensor:
-        """Bring the cache to context[:-1] + feed the rest; -> logits (V_draft,) after the context."""
+        """Bring the cache to a prefix of the context, feed the rest; -> logits (V_draft,) after it."""
         # Always re-feed at least the last token: we need the logits after it.
         common = min(common_prefix(context, self.cached), len(context) - 1)
         self._trim(len(self.cached) - common)
@@ -118,10 +138,12 @@ class ModelProposer(Proposer):
         if n <= 0:
             return
         try:
+            if not is_trimmable(self.cache):
+                raise ValueError("a recurrent state cannot trim")
             for c in self.cache:
                 c.trim(n)
             del self.cached[len(self.cached) - n :]
-        except ValueError:  # a cache that cannot trim that far (sliding window): start over
+        except ValueError:  # the context changed beyond what the cache can undo: start over
             self.cache, self.cached = self.model.make_cache(), []
 
     def _pick(self, logits: torch.Tensor, sampling: SamplingParams | None) -> tuple[int, torch.Tensor | None]:
@@ -152,22 +174,37 @@ class LayerSkipProposer(ModelProposer):
     """The target's first `num_layers` decoder layers, then its final norm and LM head (early
     exit as a draft; no extra weights). Works for any model laid out as `model.model.layers`."""
 
-    def __init__(self, model: nn.Module, num_layers: int, frspec_ids: torch.Tensor | None = None):
-        super().__init__(first_layers(model, num_layers), frspec_ids)
+    def __init__(
+        self,
+        model: nn.Module,
+        num_layers: int,
+        frspec_ids: torch.Tensor | None = None,
+        cost: float | None = None,
+    ):
+        super().__init__(first_layers(model, num_layers), frspec_ids, cost)
 
 
 def first_layers(model: nn.Module, num_layers: int) -> nn.Module:
     """A view of `model` running only its first `num_layers` layers (weights shared)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"layer skipping needs a model laid out as model.model.layers; {type(model).__name__} is not")
+        raise ValueError(  # noqa: TRY004 -- the user chose a model this proposer cannot cut
+            f"layer skipping needs a model laid out as model.model.layers; {type(model).__name__} is not"
+        )
     if not 0 < num_layers < len(layers):
-        raise ValueError(f"num_layers must be in 1..{len(layers) - 1} for this {len(layers)}-layer model, got {num_layers}")
+        raise ValueError(
+            f"num_layers must be in 1..{len(layers) - 1} for this {len(layers)}-layer model, got {num_layers}"
+        )
     inner = module_view(model.model)
     inner.layers = nn.ModuleList(list(layers)[:num_layers])
     view = module_view(model)
     view.model = inner
     return view
+
+
+def is_trimmable(cache: list) -> bool:
+    """KV caches (plain and sliding-window) trim a few positions; other states (Mamba's) cannot."""
+    return all(isinstance(c, KVCache) for c in cache)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,0 +1,171 @@
+"""Speculative decoding on SmolLM2-135M (fp32 target): decode tok/s and mean accepted length per
+proposer, with and without FR-Spec, on a chat prompt and a code-continuation prompt.
+
+    python benchmarks/speculative.py [--model PATH] [--max-tokens 64] [--threads 2] [--num-draft 4]
+
+Plain greedy `generate_step` is measured in the same run as the baseline, and every speculative
+run is checked token-for-token against it. Prints a Markdown table (and JSON with --json).
+"""
+
+import argparse
+import copy
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from edgelm import load
+from edgelm.config import configure_runtime, set_threads
+from edgelm.generate import generate_step
+from edgelm.speculative import (
+    DraftModelProposer,
+    LayerSkipProposer,
+    NgramProposer,
+    SpeculativeStats,
+    build_frequency_ranking,
+    speculative_generate_step,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DEFAULT_MODEL = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = SHARED / "data" / "python-library-docs.txt"
+CHAT = "Explain in a few sentences why the sky is blue."
+CODE = (
+    "import numpy as np\n\n\ndef moving_average(values, window):\n"
+    '    """Return the moving average of `values` over `window` samples."""\n'
+)
+
+
+def prompts(tokenizer) -> dict[str, list[int]]:
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": CHAT}])
+    return {"chat": tokenizer.encode(chat, add_special_tokens=False), "code": tokenizer.encode(CODE)}
+
+
+def self_quant(model):
+    """A quantized copy of the target as its draft: edgelm.quant int4 where it exists, else
+    torch's dynamic int8 (a stand-in until edgelm.quant lands)."""
+    draft = copy.deepcopy(model)
+    try:
+        from edgelm.quant import quantize_model
+    except ImportError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(
+                draft, {torch.nn.Linear}, dtype=torch.qint8
+            ), "int8 (torch)"
+    return quantize_model(draft, "int4", group_size=32), "int4"
+
+
+def proposers(model, ids_fr: torch.Tensor, layers: int, quant, quant_name: str) -> dict:
+    """name -> (FR-Spec size or None, factory)."""
+    V = len(ids_fr)
+    return {
+        "n-gram (prompt lookup)": (None, lambda: NgramProposer(n_max=3)),
+        f"layer-skip {layers}/{len(model.layers)}": (None, lambda: LayerSkipProposer(model, layers)),
+        f"layer-skip {layers}/{len(model.layers)} + FR": (
+            V,
+            lambda: LayerSkipProposer(model, layers, ids_fr),
+        ),
+        f"self-quant {quant_name}": (None, lambda: DraftModelProposer(quant)),
+        f"self-quant {quant_name} + FR": (V, lambda: DraftModelProposer(quant, ids_fr)),
+    }
+
+
+def timed(steps) -> tuple[list[int], float]:
+    """Run a token generator; -> (tokens, decode tok/s after the first token, like stream_generate)."""
+    tokens, t_first = [], 0.0
+    for token, _ in steps:
+        tokens.append(token)
+        if len(tokens) == 1:
+            t_first = time.perf_counter()
+    return tokens, (len(tokens) - 1) / (time.perf_counter() - t_first)
+
+
+def run(model, ids_by_prompt, cases: dict, args) -> list[dict]:
+    rows = []
+    for prompt, ids in ids_by_prompt.items():
+        ref, base = timed(generate_step(model, ids, max_tokens=args.max_tokens))
+        rows.append(
+            {
+                "prompt": prompt,
+                "proposer": "plain greedy",
+                "fr": "-",
+                "tok_s": base,
+                "speedup": 1.0,
+                "mal": 1.0,
+                "acc": None,
+                "same": True,
+            }
+        )
+        for name, (fr, make) in cases.items():
+            stats = SpeculativeStats()
+            steps = speculative_generate_step(
+                model, ids, make(), num_draft=args.num_draft, max_tokens=args.max_tokens, stats=stats
+            )
+            out, tps = timed(steps)
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "proposer": name,
+                    "fr": fr or "-",
+                    "tok_s": tps,
+                    "speedup": tps / base,
+                    "mal": stats.mean_accepted_length,
+                    "acc": stats.acceptance_rate,
+                    "same": out == ref,
+                }
+            )
+            print(f"  {prompt:5} {name:32} {tps:6.2f} tok/s  x{tps / base:.2f}", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = [
+        "prompt",
+        "proposer",
+        "FR-Spec V",
+        "decode tok/s",
+        "speedup",
+        "mean accepted length",
+        "acceptance",
+    ]
+    lines = ["| " + " | ".join([*head, "= greedy"]) + " |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        acc = "-" if r["acc"] is None else f"{r['acc']:.0%}"
+        lines.append(
+            f"| {r['prompt']} | {r['proposer']} | {r['fr']} | {r['tok_s']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['mal']:.2f} | {acc} | {'yes' if r['same'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--num-draft", type=int, default=4)
+    p.add_argument("--layers", type=int, default=24, help="decoder layers the layer-skip draft keeps")
+    p.add_argument("--frspec-size", type=int, default=8192)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    set_threads(args.threads)
+    configure_runtime()
+    model = load(args.model, dtype=torch.float32)
+    ids_fr = build_frequency_ranking(model.tokenizer, TEXT, [args.frspec_size])[args.frspec_size]
+    quant, quant_name = self_quant(model)
+    cases = proposers(model, ids_fr, args.layers, quant, quant_name)
+    rows = run(model, prompts(model.tokenizer), cases, args)
+    print(
+        f"\nSmolLM2-135M fp32 target, {args.max_tokens} tokens, {args.threads} threads, "
+        f"k <= {args.num_draft} (adaptive), FR-Spec V = {args.frspec_size} of {model.tokenizer.vocab_size}\n"
+    )
+    print(markdown(rows))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
