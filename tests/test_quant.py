@@ -112,8 +112,10 @@ def test_int4_kernel_convention():
     q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
     scales, zeros = torch.rand(N, K // 32) * 0.1 + 0.01, torch.randn(N, K // 32) * 0.1
     m = Int4Linear.from_quantized(q, scales, zeros, 32)
-    w = dequantize_int4(q, scales.bfloat16(), zeros.bfloat16(), 32)
+    per_col = lambda t: t.bfloat16().float().repeat_interleave(32, dim=1)  # (N, G) -> (N, K)
+    w = (q.float() - 8) * per_col(scales) + per_col(zeros)
     assert torch.equal(m.dequantize(), w)
+    assert torch.equal(dequantize_int4(q, scales.bfloat16(), zeros.bfloat16(), 32), w)
     m.dequant_min_rows = 10**9
     x = torch.randn(4, K)
     assert rel_err(m(x), x @ w.T) < KERNEL_RTOL

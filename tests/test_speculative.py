@@ -28,6 +28,7 @@ from edgelm.speculative import (
 )
 from edgelm.speculative.cli import add_frspec_parser, add_speculative_args, cmd_frspec, step_fn_from_args
 from edgelm.speculative.frspec import build_frequency_file, pick_size, restrict_lm_head
+from edgelm.speculative.generate import DraftLength
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K" / "stories260K.bin"
@@ -187,6 +188,18 @@ def test_untrimmable_target_cache_rolls_back_by_snapshot(stories, stories_draft)
     out, stats = speculate(stories, ids, LayerSkipProposer(stories, 3), 80, cache=cache)
     assert out == greedy(stories, ids, 80)
     assert stats.num_accepted < stats.num_proposed  # rejections happened, so restore ran
+
+
+def test_adaptive_draft_length():
+    cheap = DraftLength(6, cost=0.0, adaptive=True)
+    for _ in range(10):
+        cheap.update(6, 6)  # everything accepted, drafting free: draft the most
+    assert cheap.next() == 6
+    costly = DraftLength(6, cost=0.9, adaptive=True)
+    for _ in range(10):
+        costly.update(4, 0)  # nothing accepted at nearly a target forward per token: stop drafting
+    assert [costly.next() for _ in range(9)] == [0] * 8 + [1]  # but re-measure now and then
+    assert DraftLength(6, cost=0.9, adaptive=False).next() == 6
 
 
 # ---------------------------------------------------------------- other architectures

@@ -1,4 +1,4 @@
-"""FR-Spec (frequency-ranked speculative sampling, MiniCPM4 report §4 / the FR-Spec paper).
+"""FR-Spec (frequency-ranked speculative sampling; MiniCPM4 report, OpenBMB FR-Spec).
 
 The draft's LM head is the drafting bottleneck for large vocabularies (49K rows x 576 for
 SmolLM2 is ~20% of its weights). Count token frequencies on a corpus, keep the top-V ids V_high,
