@@ -15,7 +15,12 @@ quality: pass-key accuracy and long-text perplexity on the real 30-layer SmolLM2
     lengths, dense vs sparse with settings that make sparsity apply at 2K-8K
     (block 64, window 512, topk 16, dense_len 1024: 26 blocks = 1,664 keys per query).
 
+On a shared, oversubscribed machine use `--threads 1 --clock cpu`: with 2 threads every parallel
+ATen op waits for the busy second core (~4-8 ms per op measured here, vs 0.03 ms on one thread),
+which punishes the sparse path's many small ops and says nothing about the algorithm.
+
     .venv/bin/python benchmarks/sparse_attention.py --lengths 4096,8192 --layers 2
+    .venv/bin/python benchmarks/sparse_attention.py --threads 1 --clock cpu --lengths 65536 --max-dense-prefill 32768
     .venv/bin/python benchmarks/sparse_attention.py --quality passkey --lengths 2048
     .venv/bin/python benchmarks/sparse_attention.py --quality ppl --lengths 4096
 """
