@@ -4,6 +4,8 @@ import argparse
 import json
 import sys
 
+from edgelm.speculative.cli import add_frspec_parser, add_speculative_args, cmd_frspec
+
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct Q4_1, see edgelm.hub
 
 
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     add_sparse_args(gen)
+    add_speculative_args(gen)
     chat = sub.add_parser("chat", help="interactive chat (streaming)")
     add_model_args(chat)
     add_sampling_args(chat)
@@ -44,9 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(b)
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--gen-tokens", type=int, default=256)
-    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--repeat", type=int, default=5, help="timed runs (0: memory only, with --context)")
+    b.add_argument("--context", type=int, default=None,
+                   help="also measure the cache memory really allocated at this context vs a dense model")
+    b.add_argument("--batch", type=int, default=1, help="sequences for the --context memory measurement")
     b.add_argument("--json", action="store_true")
     add_sparse_args(b)
+    add_speculative_args(b)
     prof = sub.add_parser("profile", help="sweep prompt lengths, back-ends, quantizations; report + plots")
     prof.add_argument("--model", default=DEFAULT_MODEL)
     prof.add_argument("--backend", default="native", help="comma list: native,llama.cpp,transformers")
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-cache-mb", type=int, default=1024, help="KV cache budget in MiB")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     add_eval_parser(sub)
+    add_frspec_parser(sub)
     return parser
 
 
@@ -145,16 +153,24 @@ def sampling_from_args(args) -> dict:
 
 def cmd_generate(args) -> None:
     from edgelm.generate import stream_generate
+    from edgelm.speculative.cli import check_speculative_args, stats_line, step_fn_from_args
 
+    check_speculative_args(args)  # before the slow model load
     model = load_from_args(args)
     kwargs = sampling_from_args(args)
+    step_fn = step_fn_from_args(args, model)
     parts, last = [], None
-    for last in stream_generate(model, args.prompt, chat=args.chat, ignore_eos=args.ignore_eos, **kwargs):
+    for last in stream_generate(
+        model, args.prompt, chat=args.chat, ignore_eos=args.ignore_eos, step_fn=step_fn, **kwargs
+    ):
         parts.append(last.text)
         if not args.json:
             print(last.text, end="", flush=True)
     if args.json:
-        print(json.dumps(result_json("".join(parts), last), indent=2))
+        result = result_json("".join(parts), last)
+        if step_fn is not None:
+            result["speculative"] = speculative_json(step_fn.stats)
+        print(json.dumps(result, indent=2))
     else:
         print()
         print(
@@ -163,6 +179,18 @@ def cmd_generate(args) -> None:
             f"peak RSS {last.peak_rss_mb:.0f} MB]",
             file=sys.stderr,
         )
+        if step_fn is not None:
+            print(stats_line(step_fn.stats), file=sys.stderr)
+
+
+def speculative_json(stats) -> dict:
+    return {
+        "verify_steps": stats.num_steps,
+        "proposed": stats.num_proposed,
+        "accepted": stats.num_accepted,
+        "acceptance_rate": round(stats.acceptance_rate, 4),
+        "mean_accepted_length": round(stats.mean_accepted_length, 4),
+    }
 
 
 def result_json(text: str, last) -> dict:
@@ -224,17 +252,51 @@ def cmd_inspect(args) -> None:
 def cmd_bench(args) -> None:
     from tqdm import tqdm
 
-    from edgelm.profiler.bench import bench
+    from edgelm.profiler.bench import bench, bench_speculative, cache_memory
+    from edgelm.speculative.cli import check_speculative_args, step_fn_from_args
 
-    model = load_from_args(args)
-    with tqdm(total=args.repeat, desc="bench", file=sys.stderr) as bar:
-        report = bench(model, args.prompt_tokens, args.gen_tokens, args.repeat, progress=bar.update)
-    report = {"model": model.source, "compute_dtype": str(model.dtype)[6:], **report}
+    check_speculative_args(args)
+    if args.repeat < 0 or (args.repeat == 0 and args.context is None):
+        raise ValueError("--repeat must be positive (0 only with --context, to measure memory alone)")
+    model = bench_model_from_args(args)
+    report = {"model": model.source, "compute_dtype": str(model.dtype)[6:]}
+    if args.context is not None:
+        report["cache_memory"] = cache_memory(model, args.context, args.batch)
+    if args.repeat:
+        with tqdm(total=args.repeat, desc="bench", file=sys.stderr) as bar:
+            if args.speculative is None:
+                report.update(bench(model, args.prompt_tokens, args.gen_tokens, args.repeat, progress=bar.update))
+            else:
+                report["speculative"] = args.speculative
+                report.update(bench_speculative(model, lambda: step_fn_from_args(args, model),
+                                                args.prompt_tokens, args.gen_tokens, args.repeat, bar.update))
     if args.json:
         print(json.dumps(report, indent=2))
         return
     for key, value in report.items():
-        print(f"{key:>24}: {value}")
+        print(f"{key:>28}: {value}")
+
+
+def bench_model_from_args(args):
+    """The model to bench; a config.json alone (no weights) gives random weights of that
+    architecture, enough for speed and memory."""
+    from pathlib import Path
+
+    from edgelm.hub import resolve_model
+    from edgelm.inspect import read_config_only
+
+    config = read_config_only(Path(resolve_model(args.model)))
+    if config is None:
+        return load_from_args(args)
+    from edgelm.config import set_threads
+    from edgelm.formats.hf import text_config
+    from edgelm.models import build_model
+    from edgelm.profiler.bench import randomize_
+
+    set_threads(args.threads)
+    model = randomize_(build_model(text_config(config))).eval()
+    model.source = f"{args.model} (random weights)"
+    return model
 
 
 def int_list(text: str, what: str) -> list[int]:
@@ -330,6 +392,7 @@ def cmd_eval_ppl(args) -> None:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "bench": cmd_bench, "profile": cmd_profile, "serve": cmd_serve, "eval": cmd_eval}
+COMMANDS["frspec"] = cmd_frspec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,8 +123,12 @@ def stream_generate(
     stop: Sequence[str] = (),
     chat: bool = False,
     ignore_eos: bool = False,
+    step_fn=None,
 ) -> Iterator[GenerationResponse]:
-    """Generate from text (or ids) and yield text pieces with running statistics."""
+    """Generate from text (or ids) and yield text pieces with running statistics.
+
+    `step_fn` replaces `generate_step` (same signature and yields), e.g. speculative decoding's
+    `edgelm.speculative.cli.make_step_fn(...)`."""
     tokenizer = model.tokenizer
     ids = encode_prompt(tokenizer, prompt, chat)
     eos = set() if ignore_eos else set(tokenizer.eos_token_ids)
@@ -136,7 +140,9 @@ def stream_generate(
     def response(text: str, token: int | None, reason: str | None) -> GenerationResponse:
         return GenerationResponse(text, token, reason, len(ids), n, ttft, prefill_tps, decode_tps, peak_rss_mb())
 
-    steps = generate_step(model, ids, sampler=sampler, logits_processors=logits_processors, max_tokens=max_tokens)
+    steps = (step_fn or generate_step)(
+        model, ids, sampler=sampler, logits_processors=logits_processors, max_tokens=max_tokens
+    )
     for token, _ in steps:
         now = time.perf_counter()
         if n == 0:

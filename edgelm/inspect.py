@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from edgelm.layers.attention import Attention
+from edgelm.layers.mamba2 import state_bytes_per_sequence
 from edgelm.layers.mlp import MLP, GatedMLP
 from edgelm.layers.norm import LayerNorm, RMSNorm
 from edgelm.models import build_model
@@ -46,6 +47,16 @@ def kv_bytes(model: nn.Module, dtype: torch.dtype, context: int, batch: int = 1)
     per_seq = sum(2 * a.num_kv_heads * a.head_dim * elt * min(context, a.window or context)
                   for a in attention_layers(model))
     return per_seq * batch
+
+
+def dense_equivalent_kv_bytes(model: nn.Module, dtype: torch.dtype, context: int, batch: int = 1) -> int:
+    """KV bytes at `context` if every layer were attention shaped like the model's attention layers
+    (the dense configuration of the same width), for comparing a hybrid against it."""
+    attn = attention_layers(model)
+    if not attn:
+        return 0
+    elt = torch.tensor([], dtype=dtype).element_size()
+    return len(model.layers) * 2 * attn[0].num_kv_heads * attn[0].head_dim * elt * context * batch
 
 
 def ffn_kind(model: nn.Module) -> str:
@@ -87,6 +98,7 @@ def analyze(model: nn.Module, context: int | None = None, batch: int = 1) -> dic
     attn = attention_layers(model)
     wbytes = weight_bytes(model)
     kv = kv_bytes(model, dtype, context, batch)
+    state = state_bytes_per_sequence(model, dtype)  # Mamba layers: fixed, whatever the context
     info = {
         "model_type": c.model_type,
         "parameters": total,
@@ -106,11 +118,16 @@ def analyze(model: nn.Module, context: int | None = None, batch: int = 1) -> dic
         "context_length": c.max_position_embeddings,
         "dtype": str(dtype).replace("torch.", ""),
         "kv_bytes_per_token": kv_bytes_per_token(model, dtype),
+        "state_bytes_per_sequence": state,
         "predicted_at": {"context": context, "batch": batch},
         "weight_bytes": wbytes,
         "kv_cache_bytes": kv,
-        "predicted_total_bytes": wbytes + kv,
+        "state_cache_bytes": state * batch,
+        "predicted_total_bytes": wbytes + kv + state * batch,
     }
+    if state:  # a hybrid: what the same width would hold with attention in every layer
+        info["layer_kinds"] = dict(Counter(getattr(layer, "kind", "attention") for layer in model.layers))
+        info["dense_equivalent_kv_cache_bytes"] = dense_equivalent_kv_bytes(model, dtype, context, batch)
     if hasattr(model, "weight_types"):
         info["checkpoint_tensor_types"] = dict(Counter(model.weight_types.values()))
         info["source"] = getattr(model, "source", "")

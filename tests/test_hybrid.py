@@ -317,6 +317,29 @@ def test_mamba_cache_protocol_and_memory_report():
     assert sum(c.nbytes for c in cache if isinstance(c, MambaCache)) == state_bytes  # fixed size
 
 
+@torch.no_grad()
+def test_inspect_and_bench_memory_report():
+    """`edgelm inspect` predicts, and `edgelm bench --context --batch` measures, the same bytes:
+    KV for the one attention layer per token, the Mamba states once per sequence; the dense
+    configuration of the same width has 4 attention layers."""
+    from edgelm.inspect import analyze
+    from edgelm.profiler.bench import cache_memory
+
+    _, model = models("hybrid-moe")
+    info = analyze(model, context=512, batch=3)
+    per_token, state = 2 * 2 * 16 * 4, model.state_bytes_per_sequence()
+    assert info["kv_bytes_per_token"] == per_token and info["state_bytes_per_sequence"] == state
+    assert info["kv_cache_bytes"] == 3 * 512 * per_token and info["state_cache_bytes"] == 3 * state
+    assert info["dense_equivalent_kv_cache_bytes"] == 4 * 3 * 512 * per_token
+    assert info["layer_kinds"] == {"mamba": 3, "attention": 1}
+    measured = cache_memory(model, 512, 3)  # allocated by real caches after a forward
+    assert measured["kv_cache_bytes"] == info["kv_cache_bytes"]
+    assert measured["state_cache_bytes"] == info["state_cache_bytes"]
+    assert measured["dense_equivalent_cache_bytes"] == info["dense_equivalent_kv_cache_bytes"]
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        cache_memory(model, 4096, 1)
+
+
 # --- loading: Hugging Face folder and GGUF ----------------------------------------------------
 
 

@@ -79,7 +79,7 @@ def stories_fr(stories):
 
 @pytest.fixture(scope="module")
 def smol():
-    return load(SMOL, dtype=torch.float32)
+    return load(SMOL, dtype=torch.float32, dequantize=True)  # the fp32 reference path
 
 
 @pytest.fixture(scope="module")
@@ -497,20 +497,25 @@ def test_cli_helpers(tmp_path, stories):
     parser = argparse.ArgumentParser()
     add_speculative_args(parser)
     sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None}
-    args = parser.parse_args(
-        ["--draft-layers", "3", "--frspec", str(path), "--frspec-size", "32", "--num-draft", "3"]
-    )
-    steps = step_fn_from_args(argparse.Namespace(**vars(args), **sampling), stories)
+
+    def flags(*argv):
+        return argparse.Namespace(**vars(parser.parse_args(list(argv))), **sampling)
+
+    args = flags("--speculative", "layer-skip", "--draft-layers", "3", "--frspec", str(path),
+                 "--frspec-size", "32", "--num-draft", "3")
+    steps = step_fn_from_args(args, stories)
     ids = stories.tokenizer.encode("Once upon a time")
     assert [t for t, _ in steps(stories, ids, max_tokens=40)] == greedy(stories, ids, 40)
     assert steps.stats.num_tokens == 40 and steps.stats.num_steps > 0
-    assert step_fn_from_args(argparse.Namespace(**vars(parser.parse_args([])), **sampling), stories) is None
-    with pytest.raises(ValueError, match="--frspec applies to model drafts"):
-        step_fn_from_args(
-            argparse.Namespace(
-                **vars(parser.parse_args(["--prompt-lookup", "--frspec", str(path)])), **sampling
-            ),
-            stories,
-        )
+    assert step_fn_from_args(flags(), stories) is None
+    bad = {
+        "--frspec applies to model drafts": ["--speculative", "ngram", "--frspec", str(path)],
+        "--speculative draft and --draft-model": ["--speculative", "draft"],
+        "--draft-layers applies to": ["--speculative", "ngram", "--draft-layers", "2"],
+        "--num-draft must be positive": ["--speculative", "ngram", "--num-draft", "0"],
+    }
+    for match, argv in bad.items():
+        with pytest.raises(ValueError, match=match):
+            step_fn_from_args(flags(*argv), stories)
     with pytest.raises(SystemExit):
-        parser.parse_args(["--prompt-lookup", "--draft-layers", "2"])
+        parser.parse_args(["--speculative", "medusa"])

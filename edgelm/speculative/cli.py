@@ -1,6 +1,7 @@
 """Command-line pieces for speculative decoding, for `edgelm.cli` to mount:
 
-    edgelm generate ... --prompt-lookup | --draft-layers N | --draft-model PATH | --self-quant int4
+    edgelm generate|bench ... --speculative {draft,self-quant,layer-skip,ngram}
+                        [--draft-model PATH] [--draft-layers N] [--draft-quant int4|int8]
                         [--num-draft K] [--frspec FILE [--frspec-size V]]
     edgelm frspec build --model PATH --text FILE --sizes 8192,16384,32768 --out FILE
 
@@ -10,21 +11,26 @@ Only argparse is imported here; torch and the models load when a command runs.
 import argparse
 import sys
 
+KINDS = ("draft", "self-quant", "layer-skip", "ngram")
+
 
 def add_speculative_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "speculative decoding (same output as plain decoding, faster when drafts are accepted)"
     )
-    which = g.add_mutually_exclusive_group()
-    which.add_argument(
-        "--prompt-lookup", action="store_true", help="draft by copying n-grams from the context"
+    g.add_argument(
+        "--speculative",
+        choices=KINDS,
+        default=None,
+        help="draft: a smaller model (--draft-model); self-quant: an int4/int8 copy of the target; "
+        "layer-skip: the target's first layers; ngram: copy n-grams from the context (prompt lookup)",
     )
-    which.add_argument(
-        "--draft-layers", type=int, default=None, help="draft with the target's first N layers"
+    g.add_argument("--draft-model", default=None, help="draft model with the same tokenizer (--speculative draft)")
+    g.add_argument(
+        "--draft-layers", type=int, default=None, help="layers the layer-skip draft keeps (default: half)"
     )
-    which.add_argument("--draft-model", default=None, help="draft model with the same tokenizer")
-    which.add_argument(
-        "--self-quant", choices=["int4", "int8"], default=None, help="draft with a quantized copy"
+    g.add_argument(
+        "--draft-quant", choices=["int4", "int8"], default="int4", help="the self-quant draft's weights"
     )
     g.add_argument(
         "--num-draft", type=int, default=4, help="most draft tokens per verify step (adaptive below it)"
@@ -35,37 +41,66 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def check_speculative_args(args) -> None:
+    """ValueError for flag combinations that cannot mean what the user wants."""
+    kind = args.speculative
+    if args.num_draft <= 0:
+        raise ValueError(f"--num-draft must be positive, got {args.num_draft}")
+    if (args.draft_model is not None) != (kind == "draft"):
+        raise ValueError("--speculative draft and --draft-model PATH go together")
+    if args.draft_layers is not None and kind != "layer-skip":
+        raise ValueError("--draft-layers applies to --speculative layer-skip")
+    if args.frspec is not None and kind in (None, "ngram"):
+        raise ValueError("--frspec applies to model drafts: --speculative draft, self-quant or layer-skip")
+    if args.frspec_size is not None and args.frspec is None:
+        raise ValueError("--frspec-size needs --frspec FILE")
+
+
 def proposer_from_args(args, model):
     """The proposer the flags ask for, or None for plain decoding."""
     from edgelm.speculative import DraftModelProposer, LayerSkipProposer, NgramProposer
 
-    if args.num_draft <= 0:
-        raise ValueError(f"--num-draft must be positive, got {args.num_draft}")
-    ids = frspec_ids_from_args(args, model)
-    if args.prompt_lookup:
-        if ids is not None:
-            raise ValueError("--frspec applies to model drafts, not --prompt-lookup")
+    check_speculative_args(args)
+    kind = args.speculative
+    if kind is None:
+        return None
+    if kind == "ngram":
         return NgramProposer()
-    if args.draft_layers is not None:
-        return LayerSkipProposer(model, args.draft_layers, ids)
-    if args.draft_model is not None or args.self_quant is not None:
-        return DraftModelProposer(draft_model_from_args(args, model), ids)
-    if ids is not None:
-        raise ValueError("--frspec needs a model draft: --draft-layers, --draft-model or --self-quant")
-    return None
+    ids = frspec_ids_from_args(args, model)
+    if kind == "layer-skip":
+        num_layers = args.draft_layers if args.draft_layers is not None else max(1, len(model.layers) // 2)
+        return LayerSkipProposer(model, num_layers, ids)
+    return DraftModelProposer(draft_model_from_args(args, model), ids)
 
 
 def draft_model_from_args(args, model):
-    if args.self_quant is not None:
-        import copy
-
-        from edgelm.quant import quantize_model
-
-        return quantize_model(copy.deepcopy(model), args.self_quant, group_size=32)
+    if args.speculative == "self-quant":
+        return self_quant_draft(model, args.draft_quant)
     from edgelm.hub import resolve_model
     from edgelm.loader import load
 
     return load(resolve_model(args.draft_model), dtype=model.dtype)
+
+
+def self_quant_draft(model, method: str, group_size: int = 32):
+    """A weight-only quantized copy of the target (its decoder linears and LM head; the layers whose
+    shapes the kernels cannot take stay dense)."""
+    import copy
+
+    from torch import nn
+
+    from edgelm.quant.quantize import can_quantize, is_default_target, quantize_model
+
+    def predicate(path, m) -> bool:
+        return is_default_target(path, m) and can_quantize(m, method, group_size)
+
+    dense = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and predicate(p, m)]
+    if not dense:
+        raise ValueError(
+            f"--speculative self-quant: the target has no dense linear layer that {method} can hold "
+            "(already quantized?); load it dense (--quant dequantize) or use another proposer"
+        )
+    return quantize_model(copy.deepcopy(model), method, group_size, predicate=predicate)
 
 
 def frspec_ids_from_args(args, model):
@@ -86,7 +121,8 @@ def step_fn_from_args(args, model):
     if proposer is None:
         return None
     gen = torch.Generator().manual_seed(args.seed) if getattr(args, "seed", None) is not None else None
-    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, gen)
+    knobs = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}  # defaults: greedy (bench)
+    sampling = SamplingParams(*(getattr(args, k, v) for k, v in knobs.items()), gen)
     return make_step_fn(proposer, sampling, args.num_draft)
 
 
@@ -136,3 +172,12 @@ def cmd_frspec(args) -> None:
         resolve_model(args.model), args.text, args.sizes, args.out, args.max_lines, args.tokenizer
     )
     print(f"wrote {args.out}: top-{', top-'.join(str(s) for s in sorted(ranking))} ids", file=sys.stderr)
+
+
+def stats_line(stats) -> str:
+    """One line for stderr after a speculative generation."""
+    return (
+        f"[speculative: {stats.num_steps} verify steps, {stats.num_accepted}/{stats.num_proposed} drafts "
+        f"accepted ({stats.acceptance_rate:.0%}), mean accepted length {stats.mean_accepted_length:.2f} "
+        "tokens per target forward]"
+    )
