@@ -79,6 +79,14 @@ def quantize_int4(
     """
     check_int4_shape(*w.shape, group_size)
     g = _groups(w, group_size)
+    scale, zero = int4_group_params(g, symmetric)
+    q = int4_codes(g, scale[..., None], zero[..., None])
+    return q.reshape(w.shape), scale, zero
+
+
+def int4_group_params(g: torch.Tensor, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """g (..., group) fp32 -> (scale, zero) bf16 (...): the int4 grid of each group (no shape
+    checks: GPTQ also uses it on groups the CPU kernel cannot hold)."""
     if symmetric:
         idx = g.abs().argmax(-1, keepdim=True)
         scale = (g.gather(-1, idx) / -8).squeeze(-1)
@@ -87,11 +95,19 @@ def quantize_int4(
         lo, hi = g.amin(-1), g.amax(-1)
         scale = (hi - lo) / 15
         zero = lo + 8 * scale
-    scale, zero = scale.to(SCALE_DTYPE), zero.to(SCALE_DTYPE)
-    s, z = scale.float()[..., None], zero.float()[..., None]
+    return scale.to(SCALE_DTYPE), zero.to(SCALE_DTYPE)
+
+
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Round w to its grid: codes uint8 0..15 (scale and zero broadcast against w)."""
+    s, z = scale.float(), zero.float()
     safe = torch.where(s == 0, torch.ones_like(s), s)  # constant groups: q = 8 (the zero point)
-    q = torch.round((g - z) / safe + 8).clamp(0, 15).to(torch.uint8)
-    return q.reshape(w.shape), scale, zero
+    return torch.round((w.float() - z) / safe + 8).clamp(0, 15).to(torch.uint8)
+
+
+def int4_values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(q - 8) * scale + zero in fp32, the same two roundings as `dequantize_int4` and the kernel."""
+    return (q.to(torch.float32) - 8) * scale.float() + zero.float()
 
 
 def dequantize_int4(
@@ -224,11 +240,20 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     half a step."""
     check_int8_shape(*w.shape)
     w = w.float()
-    scale = (w.abs().amax(-1) / 127).to(SCALE_DTYPE)
-    s = scale.float()[:, None]
+    scale = int8_row_scale(w)
+    return int8_codes(w, scale[:, None]), scale
+
+
+def int8_row_scale(w: torch.Tensor) -> torch.Tensor:
+    """w (N, K) -> symmetric per-row scale bf16 (N,)."""
+    return (w.float().abs().amax(-1) / 127).to(SCALE_DTYPE)
+
+
+def int8_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round w to the int8 grid of `scale` (broadcast against w): codes int8 -127..127."""
+    s = scale.float()
     safe = torch.where(s == 0, torch.ones_like(s), s)
-    q = torch.round(w / safe).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    return torch.round(w.float() / safe).clamp(-127, 127).to(torch.int8)
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -15,6 +15,9 @@ from torch import nn
 
 from edgelm.quant.linear import QUANTIZED_LINEARS, Int4Linear, Int8Linear, QuantizedEmbedding, to_quantized
 from edgelm.quant.primitives import check_int4_shape, check_int8_shape
+from edgelm.quant.ternary import BitLinear
+
+RUNTIME_LINEARS = (*QUANTIZED_LINEARS, BitLinear)  # every module a saved layout can name
 
 METHODS = ("int4", "int8")
 
@@ -56,6 +59,8 @@ def module_spec(module: nn.Module) -> dict:
     """The layout entry of one quantized linear."""
     if isinstance(module, Int4Linear):
         return {"bits": 4, "group_size": module.group_size}
+    if isinstance(module, BitLinear):
+        return {"bits": 2, "ternary": True, "group_size": module.group_size}
     assert isinstance(module, Int8Linear), type(module)
     return {"bits": 8}
 
@@ -65,7 +70,7 @@ def quantization_layout(model: nn.Module) -> dict[str, dict]:
     paths = {id(m): p for p, m in model.named_modules()}
     layout = {}
     for path, m in model.named_modules():
-        if isinstance(m, QUANTIZED_LINEARS):
+        if isinstance(m, RUNTIME_LINEARS):
             layout[path] = module_spec(m)
         elif isinstance(m, QuantizedEmbedding):
             if m.tied and id(m.source) in paths:
@@ -154,7 +159,9 @@ def _empty_module(old: nn.Module, spec: dict) -> nn.Module:
     else:
         N, K, has_bias = old.out_features, old.in_features, old.bias is not None
     with torch.device(old.weight.device):
-        if spec["bits"] == 4:
+        if spec.get("ternary"):
+            new = BitLinear(K, N, has_bias, spec["group_size"])
+        elif spec["bits"] == 4:
             new = Int4Linear(K, N, has_bias, spec["group_size"])
         else:
             new = Int8Linear(K, N, has_bias)
@@ -172,4 +179,4 @@ def module_nbytes(model: nn.Module) -> int:
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {p: m for p, m in model.named_modules() if isinstance(m, QUANTIZED_LINEARS)}
+    return {p: m for p, m in model.named_modules() if isinstance(m, RUNTIME_LINEARS)}

@@ -1,0 +1,157 @@
+"""Compression results table: perplexity, size on disk and decode speed of one model under
+fp32, int8 / int4 round-to-nearest, int4 GPTQ and P-GPTQ, ternary post-training and ternary QAT.
+
+Each row is one process (`--row NAME`), written as JSON under --rows, so the slow rows (GPTQ
+calibration, QAT) can run in the background; `--table` prints the Markdown table of the rows found.
+
+    python benchmarks/compression.py --row fp32 --row int8 --row int4 --rows /tmp/h5/rows
+    python benchmarks/compression.py --row gptq --rows /tmp/h5/rows         # ~20 min on 1 core
+    python benchmarks/compression.py --row qat --qat-dir /tmp/h5/qat --rows /tmp/h5/rows
+    python benchmarks/compression.py --table --rows /tmp/h5/rows
+
+Evaluation text: the last 1 MB of python-library-docs.txt, windows of --ctx tokens, each scoring
+its last ctx - 1 tokens (stride = ctx), the first --windows windows. Calibration: the first 2 MB.
+The SmolLM2 GGUF is Q4_1: its dequantized weights are the "fp32" model.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edgelm.eval.ppl import perplexity
+from edgelm.generate import generate_step
+from edgelm.loader import load
+from edgelm.quant.quantize import can_quantize, is_default_target, quantize_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = ROOT.parent / "shared/data/python-library-docs.txt"
+EVAL_CHARS = 1_000_000
+ROWS = ("fp32", "int8", "int4", "int4-g32", "gptq", "p-gptq", "ternary-ptq", "qat")
+
+
+def eval_ids(tokenizer, ctx: int, windows: int) -> list[int]:
+    text = TEXT.read_text(errors="replace")[-EVAL_CHARS:]
+    ids = tokenizer.encode(text[: 12 * ctx * windows], add_special_tokens=False)  # ~4 chars a token
+    if len(ids) < ctx * windows:
+        raise ValueError(f"evaluation text gives {len(ids)} tokens, fewer than {ctx} x {windows}")
+    return ids[: ctx * windows]
+
+
+def decode_tok_s(model, repeat: int = 3, prompt_len: int = 32, gen: int = 64) -> float:
+    """Median greedy decode speed (tokens/s after the first token), batch 1."""
+    prompt = model.tokenizer.encode(TEXT.read_text()[:2000])[:prompt_len]
+    runs = []
+    for _ in range(repeat + 1):  # the first run warms up
+        steps = generate_step(model, prompt, max_tokens=gen)
+        next(steps)
+        t0 = time.perf_counter()
+        n = sum(1 for _ in steps)
+        runs.append(n / (time.perf_counter() - t0))
+    return statistics.median(runs[1:])
+
+
+def disk_bytes(model) -> int:
+    """Size of the folder `save_quantized` writes (what `load` reads back), weights only."""
+    from edgelm.convert import save_quantized
+
+    with tempfile.TemporaryDirectory() as d:
+        save_quantized(model, d)
+        return sum(f.stat().st_size for f in Path(d).iterdir() if f.suffix == ".safetensors")
+
+
+def build(row: str, args):
+    model = load(args.model, dtype=torch.float32, fuse=False, dequantize=True)
+    if row in ("int8", "int4", "int4-g32"):
+        method, group = ("int8", 32) if row == "int8" else ("int4", 32 if row == "int4-g32" else args.group_size)
+        quantize_model(model, method, group, predicate=lambda p, m: is_default_target(p, m) and can_quantize(m, method, group))
+        return model, {"group_size": group}
+    if row in ("gptq", "p-gptq"):
+        from edgelm.quant.gptq import calibration_tokens, gptq_quantize
+
+        skip = args.prefix_skip if row == "p-gptq" else 0
+        tokens = calibration_tokens(model.tokenizer, TEXT, args.samples, args.seq_len)
+        t0 = time.perf_counter()
+        gptq_quantize(model, tokens, bits=4, group_size=args.group_size, prefix_skip=skip)
+        return model, {"group_size": args.group_size, "calib": f"{args.samples}x{args.seq_len}",
+                       "prefix_skip": skip, "quantize_s": round(time.perf_counter() - t0)}
+    if row == "ternary-ptq":
+        from edgelm.quant.ternary import ternarize_model
+
+        ternarize_model(model, group_size=32)
+        return model, {"group_size": 32}
+    if row == "qat":
+        model = load(args.qat_dir, dtype=torch.float32, fuse=False)
+        info = json.loads((Path(args.qat_dir) / "qat.json").read_text())
+        return model, {"group_size": 32, **{k: info[k] for k in ("steps", "tokens", "distill", "train_s")}}
+    assert row == "fp32", row
+    return model, {}
+
+
+def measure(row: str, args) -> dict:
+    model, info = build(row, args)
+    size = disk_bytes(model)  # saving wants the unfused modules
+    model.fuse()
+    res = perplexity(model, eval_ids(model.tokenizer, args.ctx, args.windows), args.ctx, args.ctx)
+    return {"row": row, "ppl": res.ppl, "nll": res.nll, "tokens": res.tokens, "size_bytes": size,
+            "decode_tok_s": decode_tok_s(model), "eval_s": round(res.seconds),
+            "threads": torch.get_num_threads(), **info}
+
+
+LABELS = {"fp32": "fp32 (dequantized Q4_1)", "int8": "int8 RTN (per channel)", "int4": "int4 RTN",
+          "int4-g32": "int4 RTN g32", "gptq": "int4 GPTQ", "p-gptq": "int4 P-GPTQ",
+          "ternary-ptq": "ternary post-training", "qat": "ternary QAT"}
+
+
+def table(rows_dir: Path) -> str:
+    rows = {r["row"]: r for r in (json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json")))}
+    base = rows.get("fp32")
+    lines = ["| model | PPL | Δ vs fp32 | size on disk (MB) | decode tok/s | notes |", "|---|---|---|---|---|---|"]
+    for name in ROWS:
+        if name not in rows:
+            continue
+        r = rows[name]
+        delta = f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%" if base else "n/a"
+        notes = ", ".join(f"{k}={r[k]}" for k in ("group_size", "calib", "prefix_skip", "steps", "tokens") if k in r)
+        lines.append(f"| {LABELS[name]} | {r['ppl']:.3f} | {delta} | {r['size_bytes'] / 1e6:.1f} | "
+                     f"{r['decode_tok_s']:.1f} | {notes} |")
+    any_row = next(iter(rows.values()))
+    lines.append(f"\nPPL over {any_row['tokens']} tokens of the last 1 MB of python-library-docs.txt; "
+                 f"{any_row['threads']} thread(s).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(MODEL))
+    p.add_argument("--row", action="append", choices=ROWS, default=[])
+    p.add_argument("--rows", default="/tmp/h5/rows", help="folder of per-row JSON results")
+    p.add_argument("--table", action="store_true")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--prefix-skip", type=int, default=4)
+    p.add_argument("--qat-dir", default="/tmp/h5/qat")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows_dir = Path(args.rows)
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    for row in args.row:
+        result = measure(row, args)
+        (rows_dir / f"{row}.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result), file=sys.stderr)
+    if args.table:
+        print(table(rows_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""GPTQ and P-GPTQ weight quantization (int4 group-wise / int8 per channel).
+
+GPTQ (Frantar et al. 2022, arXiv:2210.17323) quantizes a linear's weight W (N, K) column by column,
+minimising ||W X - Ŵ X||² over calibration inputs X (K, n): after rounding column j, the error
+e = (w_j - ŵ_j) / [H⁻¹]_jj is spread over the columns not yet quantized, w_{j+1:} -= e [H⁻¹]_{j,j+1:},
+with H = X Xᵀ (+ damping) and its inverse taken through an upper Cholesky factor. Updates are
+applied lazily: inside a block of columns exactly, to the columns after the block in one matmul.
+
+P-GPTQ (MiniCPM4 report; ../shared/docs/TECHNIQUES.md §3): the first tokens of every sequence
+(BOS and its neighbours) carry ~10x larger activations and dominate H, so H is built from the
+positions s >= prefix_skip only; the layer's forward still sees (and passes on) every position.
+
+The driver runs layer by layer: the calibration hidden states entering one decoder layer are the
+only activations held; each target linear is wrapped by `HessianCapture` for one pass, quantized,
+and the layer is run again (now quantized) to produce the next layer's inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgelm.quant.linear import Int4Linear, Int8Linear, to_quantized
+from edgelm.quant.primitives import (
+    check_bits,
+    check_int4_shape,
+    check_int8_shape,
+    int4_codes,
+    int4_group_params,
+    int4_values,
+    int8_codes,
+    int8_row_scale,
+)
+from edgelm.quant.quantize import (
+    is_default_target,
+    record_quantization,
+    set_module,
+    tie_quantized_embeddings,
+    tied_embeddings,
+)
+
+CALIB_CHARS = 2_000_000  # calibrate on the first 2 MB of the text (the last 1 MB is for evaluation)
+
+
+# ---- the Hessian -------------------------------------------------------------------------------
+
+
+class HessianCapture(nn.Module):
+    """Wraps a linear for one calibration pass: forwards unchanged and accumulates H = Σ x xᵀ over
+    the rows of its input x (B, L, K), leaving out positions < prefix_skip (P-GPTQ).
+
+    Wrappers given the same `shared` dict reuse one x xᵀ product when they see the same input
+    tensor (q/k/v, gate/up): clear it between forward calls (a freed tensor's address is reused).
+    """
+
+    def __init__(self, linear: nn.Linear, prefix_skip: int = 0, shared: dict | None = None):
+        super().__init__()
+        self.linear, self.prefix_skip = linear, prefix_skip
+        self.H = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
+        self.rows, self.shared = 0, {} if shared is None else shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.add(x)
+        return self.linear(x)
+
+    def add(self, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), self.prefix_skip)
+        if key not in self.shared:
+            kept = x[:, self.prefix_skip :] if x.dim() == 3 else x  # (B, L - skip, K)
+            rows = kept.reshape(-1, x.shape[-1]).float()
+            self.shared[key] = (rows.T @ rows, rows.shape[0])  # fp32 per batch, summed in fp64
+        xtx, n = self.shared[key]
+        self.H += xtx
+        self.rows += n
+
+    def hessian(self) -> torch.Tensor:
+        """The mean x xᵀ (K, K) fp32 (the scale does not change GPTQ, damping is relative)."""
+        if self.rows == 0:
+            raise ValueError("no calibration rows reached this layer (is --prefix-skip >= --seq-len?)")
+        return (self.H / self.rows).float()
+
+
+# ---- one weight --------------------------------------------------------------------------------
+
+
+class Grid:
+    """The rounding grid of one weight: int4 groups (scale, zero per group of columns, the CPU
+    kernel's W = (q - 8) s + z) or int8 rows (W = q s). `group_size` may be any divisor of K here;
+    the kernel's own shape rules are checked by the driver."""
+
+    def __init__(self, bits: int, N: int, K: int, group_size: int, symmetric: bool):
+        check_bits(bits, N, K)
+        if bits == 4 and K % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {K} (weight ({N}, {K}))")
+        self.bits, self.symmetric = bits, symmetric
+        self.group_size = group_size if bits == 4 else K
+        G = K // self.group_size
+        self.scales = torch.zeros(N, G, dtype=torch.bfloat16)
+        self.zeros = torch.zeros(N, G, dtype=torch.bfloat16)
+
+    def fit(self, group: int, w: torch.Tensor) -> None:
+        """Set group `group`'s parameters from its current columns w (N, group_size)."""
+        if self.bits == 4:
+            s, z = int4_group_params(w.float(), self.symmetric)
+        else:
+            s, z = int8_row_scale(w), torch.zeros(w.shape[0], dtype=torch.bfloat16)
+        self.scales[:, group], self.zeros[:, group] = s, z
+
+    def fit_all(self, w: torch.Tensor) -> None:
+        for g in range(self.scales.shape[1]):
+            self.fit(g, w[:, g * self.group_size : (g + 1) * self.group_size])
+
+    def round(self, w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column w (N,) of original index `col` -> (codes (N,), dequantized values (N,) fp32)."""
+        g = col // self.group_size
+        s, z = self.scales[:, g], self.zeros[:, g]
+        if self.bits == 4:
+            q = int4_codes(w, s, z)
+            return q, int4_values(q, s, z)
+        q = int8_codes(w, s)
+        return q, q.float() * s.float()
+
+    def code_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.bits == 4 else torch.int8
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ = Uᵀ U, λ = damp * mean(diag H): row j of U holds
+    the [H⁻¹] entries GPTQ needs once columns < j are fixed (the OBS update, GPTQ eq. 2-4)."""
+    H = H.clone()
+    H.diagonal().add_(damp * H.diagonal().mean().clamp_min(1e-8))
+    try:
+        L = torch.linalg.cholesky(H)
+    except torch.linalg.LinAlgError:
+        raise ValueError("the damped Hessian is not positive definite: raise --damp") from None
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def gptq_weight(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, Grid, torch.Tensor]:
+    """GPTQ one weight w (N, K) against H (K, K) -> (codes (N, K), grid, dequantized Ŵ (N, K) fp32).
+
+    Group parameters are fitted from the error-updated columns when a group starts; with
+    `act_order` (columns by decreasing H_jj) they are fitted up front from W ("static groups"),
+    so groups stay contiguous in the original column order the kernel needs.
+    """
+    N, K = w.shape
+    grid = Grid(bits, N, K, group_size, symmetric)
+    W, H = w.detach().float().clone(), H.float().clone()
+    dead = H.diagonal() == 0  # inputs that are always 0: any value works, take 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(K)
+    static = act_order or bits == 8
+    if static:
+        grid.fit_all(W)
+    W, U = W[:, perm], inverse_hessian_factor(H[perm][:, perm], damp)
+    codes, Wq = torch.empty(N, K, dtype=grid.code_dtype()), torch.empty(N, K)
+    block = block_size if bits == 8 else math.ceil(block_size / grid.group_size) * grid.group_size
+    for a in range(0, K, block):
+        b = min(a + block, K)
+        err = _quantize_block(W[:, a:b], U[a:b, a:b], perm[a:b], grid, static, codes, Wq)
+        W[:, b:] -= err @ U[a:b, b:]  # the lazy batch update of every later column
+    return codes, grid, Wq
+
+
+def _quantize_block(Wb, Ub, cols, grid: Grid, static: bool, codes, Wq) -> torch.Tensor:
+    """Columns Wb (N, B) in place, in order; returns the scaled errors E (N, B) for the lazy update.
+    `cols` (B,) are the original column indices (codes and Ŵ are written there)."""
+    E = torch.empty_like(Wb)
+    for i in range(Wb.shape[1]):
+        col = int(cols[i])
+        if not static and col % grid.group_size == 0:  # groups lie inside blocks (block % group == 0)
+            grid.fit(col // grid.group_size, Wb[:, i : i + grid.group_size])
+        q, wq = grid.round(Wb[:, i], col)
+        codes[:, col], Wq[:, col] = q, wq
+        E[:, i] = (Wb[:, i] - wq) / Ub[i, i]
+        Wb[:, i + 1 :] -= E[:, i : i + 1] * Ub[i : i + 1, i + 1 :]
+    return E
+
+
+def rtn_weight(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False) -> torch.Tensor:
+    """Round-to-nearest on the same grid (the baseline GPTQ must beat): Ŵ (N, K) fp32."""
+    N, K = w.shape
+    grid = Grid(bits, N, K, group_size, symmetric)
+    grid.fit_all(w.float())
+    return torch.stack([grid.round(w[:, j].float(), j)[1] for j in range(K)], dim=1)
+
+
+def reconstruction_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
+    """||W X - Ŵ X||² per calibration row = trace(D H Dᵀ), D = W - Ŵ, H = mean x xᵀ."""
+    D = (w.float() - wq.float()).double()
+    return float(((D @ H.double()) * D).sum())
+
+
+def to_kernel_module(codes: torch.Tensor, grid: Grid, bias) -> nn.Module:
+    """The runtime module that multiplies by exactly the dequantized Ŵ GPTQ produced."""
+    if grid.bits == 4:
+        return Int4Linear.from_quantized(codes, grid.scales, grid.zeros, grid.group_size, bias)
+    return Int8Linear.from_quantized(codes, grid.scales[:, 0], bias)
+
+
+# ---- the model driver ----------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple]:
+    """What decoder layer 0 receives for each batch (B, L): [(hidden (B, L, D), ctx)]."""
+    captured = []
+
+    def grab(module, args):
+        captured.append((args[0], args[2]))  # layer(x, cache, ctx)
+        raise _Stop
+
+    handle = model.layers[0].register_forward_pre_hook(grab)
+    try:
+        for tokens in batches:
+            try:
+                model(tokens)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def check_targets(model: nn.Module, targets: dict, bits: int, group_size: int) -> None:
+    if not targets:
+        raise ValueError(f"GPTQ: {type(model).__name__} has no nn.Linear layer to quantize")
+    for path, m in targets.items():
+        try:
+            check_bits(bits, m.out_features, m.in_features)
+            if bits == 4:
+                check_int4_shape(m.out_features, m.in_features, group_size)
+            else:
+                check_int8_shape(m.out_features, m.in_features)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def as_batches(calib_tokens, batch_size: int) -> list[torch.Tensor]:
+    tokens = calib_tokens if isinstance(calib_tokens, torch.Tensor) else torch.stack(list(calib_tokens))
+    if tokens.dim() != 2 or len(tokens) == 0:
+        raise ValueError(f"calibration tokens must be (samples, seq_len), got shape {tuple(tokens.shape)}")
+    return list(tokens.long().split(batch_size))
+
+
+@torch.no_grad()
+def gptq_quantize(
+    model: nn.Module,
+    calib_tokens: list[torch.Tensor] | torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    prefix_skip: int = 0,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    symmetric: bool = False,
+    predicate=None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> nn.Module:
+    """GPTQ (P-GPTQ when prefix_skip > 0) every target linear of the decoder layers in place, then
+    round-to-nearest the LM head (the same bits and groups as `quantize_model`, so the tied
+    embedding reads quantized rows) and record the layout. Load the model with fuse=False."""
+    predicate = predicate or is_default_target
+    all_targets = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear) and predicate(p, m)}
+    check_targets(model, all_targets, bits, group_size)
+    if prefix_skip < 0:
+        raise ValueError(f"prefix_skip must be >= 0, got {prefix_skip}")
+    ties = tied_embeddings(model, all_targets)
+    states = layer_inputs(model, as_batches(calib_tokens, batch_size))
+    settings = dict(bits=bits, group_size=group_size, act_order=act_order, damp=damp, block_size=block_size,
+                    symmetric=symmetric)
+    rest = dict(all_targets)
+    for layer in _progress(list(model.layers), progress, "GPTQ layers"):
+        prefix = next(p for p, m in model.named_modules() if m is layer) + "."
+        targets = {p: rest.pop(p) for p in list(rest) if p.startswith(prefix)}
+        _quantize_layer(model, layer, states, targets, prefix_skip, settings)
+        states = [(layer(h, None, ctx), ctx) for h, ctx in states]  # inputs of the next layer
+    for path, m in rest.items():  # outside the decoder layers (the LM head): round to nearest
+        set_module(model, path, to_quantized(m, "int4" if bits == 4 else "int8", group_size, symmetric))
+    tie_quantized_embeddings(model, ties)
+    method = "gptq" if prefix_skip == 0 else "p-gptq"
+    record_quantization(model, method, group_size, symmetric)
+    return model
+
+
+def _quantize_layer(model, layer, states, targets: dict, prefix_skip: int, settings: dict) -> None:
+    """One calibration pass through `layer` with every target wrapped, then GPTQ each target."""
+    shared = {}
+    wrappers = {p: HessianCapture(m, prefix_skip, shared) for p, m in targets.items()}
+    for p, w in wrappers.items():
+        set_module(model, p, w)
+    try:
+        for h, ctx in states:
+            shared.clear()
+            layer(h, None, ctx)
+    finally:
+        for p, w in wrappers.items():
+            set_module(model, p, w.linear)
+    for p, w in wrappers.items():
+        codes, grid, _ = gptq_weight(w.linear.weight, w.hessian(), **settings)
+        set_module(model, p, to_kernel_module(codes, grid, w.linear.bias))
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="layer")
+
+
+# ---- calibration data and the CLI entry --------------------------------------------------------
+
+
+def calibration_tokens(tokenizer, text_path: str | Path, samples: int, seq_len: int) -> torch.Tensor:
+    """(samples, seq_len) token ids: consecutive non-overlapping windows of the first 2 MB of the
+    text. Every window starts at a fresh sequence start (no BOS is added: the first positions are
+    whatever text starts there, as in the P-GPTQ setting)."""
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"--samples must be >= 1 and --seq-len >= 2, got {samples} and {seq_len}")
+    path = Path(text_path)
+    if not path.is_file():
+        raise ValueError(f"{text_path}: no such calibration text file")
+    ids = tokenizer.encode(path.read_text(errors="replace")[:CALIB_CHARS])
+    need = samples * seq_len
+    if len(ids) < need:
+        raise ValueError(
+            f"calibration text {text_path} gives {len(ids)} tokens (first 2 MB), fewer than "
+            f"--samples {samples} x --seq-len {seq_len} = {need}: lower them or use a longer text"
+        )
+    return torch.as_tensor(ids[:need], dtype=torch.long).reshape(samples, seq_len)
+
+
+def gptq_quantize_from_args(model: nn.Module, args) -> nn.Module:
+    """`edgelm quantize --method gptq|p-gptq`: reads --calib, --samples, --seq-len, --prefix-skip,
+    --bits, --group-size, --act-order (and --damp if present). `gptq` ignores --prefix-skip."""
+    if getattr(args, "calib", None) is None:
+        raise ValueError(f"--method {args.method} needs --calib FILE (calibration text)")
+    tokens = calibration_tokens(model.tokenizer, args.calib, args.samples, args.seq_len)
+    skip = args.prefix_skip if args.method == "p-gptq" else 0
+    if skip >= args.seq_len:
+        raise ValueError(f"--prefix-skip {skip} leaves no position of --seq-len {args.seq_len} for the Hessian")
+    return gptq_quantize(
+        model, tokens, bits=args.bits, group_size=args.group_size, prefix_skip=skip,
+        act_order=args.act_order, damp=getattr(args, "damp", 0.01),
+    )
+
+
+# ---- the activation profile that motivates P-GPTQ ----------------------------------------------
+
+
+@torch.no_grad()
+def down_proj_profile(model: nn.Module, calib_tokens: torch.Tensor, positions: int = 16) -> torch.Tensor:
+    """max |x| (layers, positions) of each layer's MLP down-projection input at the first
+    `positions` positions, over the calibration batch (B, L)."""
+    out = torch.zeros(len(model.layers), positions)
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        def grab(module, args, i=i):
+            x = args[0][:, :positions].abs()  # (B, P, F)
+            out[i, : x.shape[1]] = torch.maximum(out[i, : x.shape[1]], x.amax(dim=(0, 2)).float())
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(grab))
+    try:
+        for batch in calib_tokens.long().split(8):
+            model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def plot_profile(profile: torch.Tensor, path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    im = ax.imshow(profile.log10().numpy(), aspect="auto", cmap="viridis")
+    ax.set_xlabel("position in sequence")
+    ax.set_ylabel("layer")
+    ax.set_title("log10 max |x|, down_proj input")
+    fig.colorbar(im, ax=ax)
+    for i in range(0, len(profile), max(1, len(profile) // 6)):
+        ax2.semilogy(profile[i].numpy(), marker="o", ms=3, label=f"layer {i}")
+    ax2.axvline(3.5, color="grey", ls="--", lw=1)
+    ax2.set_xlabel("position in sequence")
+    ax2.set_ylabel("max |x|")
+    ax2.legend(fontsize=8)
+    ax2.set_title("positions < 4 are left out of H by P-GPTQ (--prefix-skip 4)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
