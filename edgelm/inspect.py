@@ -20,8 +20,12 @@ from edgelm.models import build_model
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total unique parameters, of which the input embedding table)."""
+    from edgelm.quant.linear import QUANTIZED_LINEARS, QuantizedEmbedding
+
     total = sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
-    embed = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QUANTIZED_LINEARS))
+    embeds = [m for m in model.modules() if isinstance(m, (nn.Embedding, QuantizedEmbedding))]
+    embed = sum(m.num_embeddings * m.embedding_dim for m in embeds)
     return total, embed
 
 

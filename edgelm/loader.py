@@ -16,6 +16,8 @@ from edgelm.formats import gguf as gguf_format
 from edgelm.formats import hf as hf_format
 from edgelm.formats import llama2c as llama2c_format
 from edgelm.models import build_model, get_model_module
+from edgelm.quant.gguf import repack_gguf_model
+from edgelm.quant.quantize import quantized_modules, record_quantization, restore_quantized_layout
 from edgelm.tokenizer import Tokenizer
 
 
@@ -79,8 +81,9 @@ def materialize(t, dtype: torch.dtype) -> torch.Tensor:
 
 
 def assign_weights(model: torch.nn.Module, weights: dict, dtype: torch.dtype) -> None:
-    """Assign tensors to the meta-device model by name; fail naming missing/unexpected ones."""
-    expected = dict(model.named_parameters(remove_duplicate=True))
+    """Assign tensors to the parameters still on the meta device, by name; fail naming missing or
+    unexpected ones. (Quantized modules swapped in before this already hold their tensors.)"""
+    expected = {n: p for n, p in model.named_parameters(remove_duplicate=True) if p.is_meta}
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:
         weights.pop("lm_head.weight", None)
@@ -99,8 +102,31 @@ def assign_weights(model: torch.nn.Module, weights: dict, dtype: torch.dtype) ->
             raise ValueError(f"tensor {name}: checkpoint shape {tuple(t.shape)}, config expects {tuple(p.shape)}")
         state[name] = t
     model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    lm_head, embed = getattr(model, "lm_head", None), model.get_input_embeddings()
+    if tied and type(lm_head) is torch.nn.Linear and type(embed) is torch.nn.Embedding:
+        lm_head.weight = embed.weight  # assign=True replaced the shared meta parameter
+
+
+def assign_quantized_state(model: torch.nn.Module, weights: dict, dtype: torch.dtype) -> None:
+    """Load a saved quantized folder's tensors into the layout `restore_quantized_layout` rebuilt:
+    quantized modules take their tensors as stored, dense parameters are cast to `dtype`."""
+    quantized = set(model.config.quantization["modules"])
+    state = {
+        name: t if name.rpartition(".")[0] in quantized or not t.is_floating_point() else t.to(dtype)
+        for name, t in weights.items()
+    }
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in quantized:
+        state.pop("lm_head.weight", None)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    lm_head, embed = getattr(model, "lm_head", None), model.get_input_embeddings()
+    if type(lm_head) is torch.nn.Linear and type(embed) is torch.nn.Embedding and model.config.tie_word_embeddings:
+        lm_head.weight = embed.weight
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta or result.unexpected_keys:
+        raise ValueError(
+            f"quantized checkpoint does not match its recorded layout: missing {still_meta[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
 
 
 def load(
@@ -108,29 +134,49 @@ def load(
     dtype: torch.dtype | None = None,
     tokenizer_path: str | Path | None = None,
     fuse: bool = True,
+    dequantize: bool = False,
 ):
-    """Load a model ready to run. `dtype=torch.float32` is the exact reference path; the default
-    picks the fastest dense dtype this machine supports (bf16 with AMX/AVX512-BF16, else fp32).
-    `fuse` merges q/k/v and gate/up projections (fewer, larger matmuls; same maths)."""
+    """Load a model ready to run. `dtype=torch.float32` is the exact reference path for dense
+    weights; the default picks the fastest dense dtype this machine supports (bf16 with
+    AMX/AVX512-BF16, else fp32). `fuse` merges q/k/v and gate/up projections (fewer, larger
+    matmuls; same maths).
+
+    Quantized checkpoints stay quantized: GGUF Q4_0/Q4_1/Q4_K blocks are repacked into Int4Linear
+    and the other GGUF types into Int8Linear (`quant/gguf.py`), and a folder saved by
+    `edgelm quantize` is rebuilt from its `config.json` "quantization" record. `dequantize=True`
+    expands GGUF weights to dense `dtype` instead (the reference for parity tests).
+    """
     configure_runtime()
     path = resolve_path(path)
     config, weights, tokenizer = read_checkpoint(path)
     module = get_model_module(config.get("model_type", ""))
     if hasattr(module, "sanitize"):
         weights = module.sanitize(weights, config)
+    weight_types = {k: tensor_type(v) for k, v in weights.items()}
+    dtype = dtype or default_dtype()
     with torch.device("meta"):
         model = build_model(config)
-    assign_weights(model, weights, dtype or default_dtype())
+    if config.get("quantization"):
+        restore_quantized_layout(model, config["quantization"])
+        assign_quantized_state(model, weights, dtype)
+    else:
+        if not dequantize:
+            repack_gguf_model(model, weights, dtype)  # pops the weights it consumes
+        assign_weights(model, weights, dtype)
     model.eval().requires_grad_(False)
     if fuse:
         model.fuse()
+    if quantized_modules(model):
+        q = getattr(model.config, "quantization", None) or {}
+        record_quantization(model, q.get("method", "gguf"), q.get("group_size", 32), q.get("symmetric"))
     if tokenizer_path is not None:
         tokenizer = Tokenizer.from_llama2c(tokenizer_path) if str(tokenizer_path).endswith(".bin") else (
             Tokenizer.from_hf_folder(tokenizer_path)
         )
     model.tokenizer = tokenizer
     model.source = str(path)
-    model.weight_types = {k: tensor_type(v) for k, v in weights.items()}
+    model.source_config = config
+    model.weight_types = weight_types
     del weights
     release_free_memory()
     return model

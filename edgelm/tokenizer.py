@@ -124,6 +124,19 @@ class Tokenizer:
         """A fresh streaming decoder; see `StreamingDetokenizer` for `context` (the prompt ids)."""
         return StreamingDetokenizer(self, context, skip_special_tokens)
 
+    def save(self, folder: str | Path) -> None:
+        """Write a Hugging Face tokenizer folder (`tokenizer.json`, `tokenizer_config.json`,
+        `generation_config.json`) that `from_hf_folder` and transformers read back the same way."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(folder / "tokenizer.json"))
+        config = {**self._special_tokens, "tokenizer_class": "PreTrainedTokenizerFast"}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_ids}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
     @classmethod
     def from_hf_folder(cls, path: str | Path) -> "Tokenizer":
         """Load a Hugging Face folder: `tokenizer.json`, plus when present `tokenizer_config.json`,

@@ -7,3 +7,15 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smol_ref():
+    """transformers' fp32 model of the SmolLM2 Q4_1 GGUF (dequantized by transformers itself): the
+    reference for parity tests. Session-scoped: reading a GGUF through transformers takes ~30 s."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    gguf = Path(__file__).resolve().parents[2] / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()

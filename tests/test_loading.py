@@ -39,14 +39,7 @@ def test_stories260k_matches_transformers(source, stories_ref):
 
 @pytest.fixture(scope="module")
 def smol():
-    return load(SMOL, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def smol_ref():
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(SMOL_DIR, gguf_file=SMOL.name, dtype=torch.float32).eval()
+    return load(SMOL, dtype=torch.float32, dequantize=True)  # the fp32 reference path
 
 
 def test_smollm2_gguf_matches_transformers(smol, smol_ref):
@@ -161,3 +154,53 @@ def test_gguf_metadata_is_plain_python():
     assert g.metadata["llama.block_count"] == 30
     assert g.tensors["blk.0.attn_q.weight"].type_name == "Q4_1"
     assert g.tensors["blk.0.attn_q.weight"].shape == (576, 576)
+
+
+def test_gguf_reader_matches_gguf_py(tmp_path):
+    """Our GGUF parser == gguf-py's GGUFReader (the reference) on a file with every metadata
+    type, string and numeric arrays, dense and quantized tensors, and a non-default alignment."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "all.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("t.u32", 7)
+    w.add_int64("t.i64", -5)
+    w.add_float32("t.f32", 0.25)
+    w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo")
+    w.add_array("t.strs", ["a", "", "ünï", "<|im_start|>"])
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, -1.5])
+    w.add_custom_alignment(64)
+    rng = np.random.default_rng(0)
+    w.add_tensor("dense", rng.standard_normal((3, 64)).astype(np.float32))
+    w.add_tensor("half", rng.standard_normal((2, 32)).astype(np.float16))
+    q = gguf.quants.quantize(rng.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("q8", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, ref = read_gguf(path), gguf.GGUFReader(path)
+    for key, field in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        assert ours.metadata[key] == pytest.approx(value) if isinstance(value, float) else ours.metadata[key] == value
+    assert ours.metadata["t.strs"] == ["a", "", "ünï", "<|im_start|>"]
+    for t in ref.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.type_name == t.tensor_type.name
+        assert mine.data.shape == t.data.shape and np.array_equal(mine.data, t.data)
+    assert ours.tensors["q8"].shape == (4, 64)
+    assert torch.allclose(ours.tensors["q8"].to_torch(), torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)))
+
+
+def test_gguf_tensor_past_end(tmp_path):
+    """A file cut inside the tensor data (header intact) names the tensor that runs past the end."""
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(SMOL.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="past the end"):
+        read_gguf(bad)

@@ -171,8 +171,10 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         """Replace q/k/v_proj by one qkv_proj: one matmul (and one kernel launch) instead of three."""
         if self.qkv_proj is None:
-            self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-            del self.q_proj, self.k_proj, self.v_proj
+            fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+            if fused is not None:
+                self.qkv_proj = fused
+                del self.q_proj, self.k_proj, self.v_proj
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:

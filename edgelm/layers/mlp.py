@@ -26,8 +26,13 @@ def get_activation(name: str):
     return ACTIVATIONS[name]
 
 
-def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear whose output is the concatenation of the given ones' outputs."""
+def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
+    """One linear whose output is the concatenation of the given ones' outputs; None when they
+    cannot share one kernel (quantized with mixed types, as in Q4_K_M GGUF files)."""
+    if not all(type(m) is nn.Linear for m in linears):
+        from edgelm.quant.linear import fuse_quantized
+
+        return fuse_quantized(linears)
     weight = torch.cat([m.weight for m in linears], dim=0)
     has_bias = [m.bias is not None for m in linears]
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device=weight.device, dtype=weight.dtype)
@@ -52,8 +57,10 @@ class GatedMLP(nn.Module):
     def fuse(self) -> None:
         """One gate_up_proj matmul instead of two (same maths, half the kernel launches)."""
         if self.gate_up_proj is None:
-            self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
-            del self.gate_proj, self.up_proj
+            fused = fuse_linears([self.gate_proj, self.up_proj])
+            if fused is not None:
+                self.gate_up_proj = fused
+                del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:

@@ -20,6 +20,7 @@ class BaseConfig:
     vocab_size: int = 32000
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+    quantization: dict | None = None  # quantized-module layout (edgelm/quant/quantize.py)
     bos_token_id: int | list | None = None
     eos_token_id: int | list | None = None
 
@@ -58,6 +59,9 @@ class CausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
 
     def fuse(self) -> "CausalLM":
         """Fuse q/k/v and gate/up projections in every layer (same maths, fewer matmuls)."""
