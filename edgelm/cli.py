@@ -14,6 +14,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer file/folder if not beside the model")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument(
+        "--quant", choices=["auto", "dequantize", "int8", "int4"], default="auto",
+        help="auto: run the file's own (GGUF) quantization as is; dequantize: dense weights; "
+        "int8/int4: quantize the dense weights at load (weight-only)",
+    )
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -77,8 +83,67 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     add_eval_parser(sub)
     add_training_parsers(sub)
+    add_training_parsers(sub)
+    add_quantize_parser(sub)
+    add_convert_parser(sub)
     add_frspec_parser(sub)
+    add_qat_parser(sub)
     return parser
+
+
+def add_qat_parser(sub) -> None:
+    q = sub.add_parser("qat", help="ternary (BitCPM) quantization-aware training from a full-precision model")
+    q.add_argument("--model", required=True, help="HF folder, .gguf or llama2.c .bin (the fp starting point)")
+    q.add_argument("--ternary", action="store_true", required=True, help="ternary weights (the only QAT target)")
+    q.add_argument("--text", required=True, help="training text (its first 2 MB are used)")
+    q.add_argument("--steps", type=int, default=200)
+    q.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (re-warmed from 0)")
+    q.add_argument("--warmup", type=int, default=20, help="re-warm steps")
+    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--seq-len", type=int, default=256)
+    q.add_argument("--group-size", type=int, default=32, help="ternary scale group (32 in BitCPM)")
+    q.add_argument("--distill", action="store_true", help="add KL(teacher || student), teacher = the fp model")
+    q.add_argument("--ckpt-every", type=int, default=0, help="save the latent weights every N steps")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--out", required=True, help="output folder (load() runs it with packed BitLinear)")
+
+
+def cmd_qat(args) -> None:
+    from edgelm.config import set_threads
+    from edgelm.hub import resolve_model
+    from edgelm.quant.qat import QATConfig, run_qat
+
+    set_threads(args.threads)
+    cfg = QATConfig(args.steps, args.lr, args.warmup, args.batch_size, args.seq_len, args.distill,
+                    args.group_size, args.ckpt_every, args.seed)
+    info = run_qat(str(resolve_model(args.model)), args.text, cfg, args.out)
+    print(f"{args.out}: {args.steps} steps, {info['tokens']} tokens, {info['train_s']} s, "
+          f"cross-entropy {info['first_ce']:.3f} -> {info['last_ce']:.3f}")
+
+
+def add_quantize_parser(sub) -> None:
+    q = sub.add_parser("quantize", help="quantize a model's weights and save a folder `load` runs directly")
+    q.add_argument("--model", required=True, help="HF folder, .gguf or llama2.c .bin")
+    q.add_argument("--method", choices=["int8", "int4", "gptq", "p-gptq"], default="int4")
+    q.add_argument("--bits", type=int, choices=[4, 8], default=4, help="gptq/p-gptq bits")
+    q.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
+    q.add_argument("--symmetric", action="store_true", help="int4 without zero points")
+    q.add_argument("--calib", default=None, help="gptq: calibration text file")
+    q.add_argument("--samples", type=int, default=128, help="gptq: calibration sequences")
+    q.add_argument("--seq-len", type=int, default=512, help="gptq: tokens per calibration sequence")
+    q.add_argument("--prefix-skip", type=int, default=4, help="p-gptq: first positions left out of H")
+    q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing H diagonal")
+    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--out", required=True, help="output folder")
+
+
+def add_convert_parser(sub) -> None:
+    c = sub.add_parser("convert", help="export a model (e.g. a GGUF) as a dense Hugging Face folder")
+    c.add_argument("--model", required=True)
+    c.add_argument("--to", choices=["hf"], default="hf")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    c.add_argument("--out", required=True, help="output folder")
 
 
 def add_sparse_args(p: argparse.ArgumentParser) -> None:
@@ -113,6 +178,18 @@ def add_eval_parser(sub) -> None:
     ppl.add_argument("--max-windows", type=int, default=None)
     ppl.add_argument("--text-offset", type=int, default=0, help="skip this many characters first")
     ppl.add_argument("--json", action="store_true")
+    add_compare_parser(kinds)
+
+
+def add_compare_parser(kinds) -> None:
+    cmp = kinds.add_parser("compare", help="several checkpoints on the same text: PPL, Δ%%, KL and top-1 vs the first")
+    cmp.add_argument("--models", required=True, help="comma list of checkpoints; the first is the reference")
+    cmp.add_argument("--text", required=True, help="a text file")
+    cmp.add_argument("--ctx", type=int, default=512, help="window length in tokens (windows do not overlap)")
+    cmp.add_argument("--max-windows", type=int, default=None)
+    cmp.add_argument("--text-offset", type=int, default=0, help="skip this many characters first (negative: from the end)")
+    cmp.add_argument("--threads", type=int, default=None)
+    cmp.add_argument("--json", action="store_true")
 
 
 def load_from_args(args):
@@ -125,8 +202,74 @@ def load_from_args(args):
     set_threads(args.threads)
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     sparse = sparse_config_from_args(args)
-    model = load(resolve_model(args.model), dtype=dtype, tokenizer_path=args.tokenizer)
+    quant = getattr(args, "quant", "auto")
+    model = load(resolve_model(args.model), dtype=dtype, tokenizer_path=args.tokenizer,
+                 fuse=quant in ("auto", "dequantize"), dequantize=quant != "auto")
+    if quant in ("int8", "int4"):
+        from edgelm.quant.quantize import record_quantization
+
+        quantize_loaded(model, quant, args.group_size)
+        model.fuse()
+        record_quantization(model, quant, args.group_size)
     return model.set_sparse_attention(sparse) if sparse is not None else model
+
+
+def quantize_loaded(model, method: str, group_size: int) -> None:
+    """Weight-only quantization of the decoder linears and LM head, skipping (with a note) the
+    layers whose shapes the kernels cannot take."""
+    from edgelm.quant.quantize import can_quantize, is_default_target, quantize_model
+
+    skipped = []
+
+    def predicate(path, m) -> bool:
+        ok = can_quantize(m, method, group_size)
+        if is_default_target(path, m) and not ok:
+            skipped.append(path)
+        return is_default_target(path, m) and ok
+
+    quantize_model(model, method, group_size, predicate=predicate)
+    if skipped:
+        print(f"note: {len(skipped)} layers kept dense (shape not divisible): {skipped[:4]}", file=sys.stderr)
+
+
+def cmd_quantize(args) -> None:
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from edgelm.config import set_threads
+    from edgelm.convert import save_quantized
+    from edgelm.hub import resolve_model
+    from edgelm.loader import load
+
+    set_threads(args.threads)
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise ValueError(f"{args.out}: exists and is not empty; choose a new --out folder")
+    t0 = time.perf_counter()
+    model = load(resolve_model(args.model), dtype=torch.float32, fuse=False, dequantize=True)
+    if args.method in ("gptq", "p-gptq"):
+        from edgelm.quant.gptq import gptq_quantize_from_args
+
+        gptq_quantize_from_args(model, args)
+    else:
+        quantize_loaded(model, args.method, args.group_size)
+    out = save_quantized(model, args.out)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"{out}: {args.method}, {size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_convert(args) -> None:
+    from edgelm.convert import export_hf
+    from edgelm.hub import resolve_model
+    from edgelm.loader import load
+
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    model = load(resolve_model(args.model), dtype=torch.float32, fuse=False, dequantize=True)
+    out = export_hf(model, args.out, dtype)
+    print(f"{out}: Hugging Face folder, {args.dtype}")
 
 
 def sparse_config_from_args(args):
@@ -346,7 +489,30 @@ def cmd_serve(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    {"passkey": cmd_eval_passkey, "ppl": cmd_eval_ppl}[args.eval_command](args)
+    {"passkey": cmd_eval_passkey, "ppl": cmd_eval_ppl, "compare": cmd_eval_compare}[args.eval_command](args)
+
+
+def cmd_eval_compare(args) -> None:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import torch
+
+    from edgelm.config import set_threads
+    from edgelm.eval.compare import compare_models, format_table
+    from edgelm.hub import resolve_model
+    from edgelm.loader import load
+
+    if not Path(args.text).is_file():
+        raise ValueError(f"{args.text}: no such file")
+    set_threads(args.threads)
+    paths = [p for p in args.models.split(",") if p.strip()]
+    models = [(p, load(resolve_model(p), dtype=torch.float32)) for p in paths]
+    text = Path(args.text).read_text(errors="replace")[args.text_offset :]
+    if args.max_windows:  # tokenize only what the windows need (generously: 10 characters a token)
+        text = text[: 10 * args.ctx * args.max_windows + 10]
+    rows = compare_models(models, models[0][1].tokenizer.encode(text), args.ctx, args.max_windows)
+    print(json.dumps([asdict(r) for r in rows], indent=2) if args.json else format_table(rows))
 
 
 def parse_list(text: str, kind, flag: str) -> list:
@@ -410,7 +576,27 @@ def cmd_training(args) -> None:
     {"data": cmd_data, "rl": cmd_rl, "scaling": cmd_scaling}[args.command](args)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "bench": cmd_bench, "profile": cmd_profile, "serve": cmd_serve, "eval": cmd_eval}
+def add_training_parsers(sub) -> None:
+    """edgelm data | rl | scaling: UltraClean filtering, chunk-wise rollout + GRPO, scaling fits."""
+    from edgelm.data.cli import add_data_parser
+    from edgelm.rl.cli import add_rl_parser
+    from edgelm.scaling.cli import add_scaling_parser
+
+    for add in (add_data_parser, add_rl_parser, add_scaling_parser):
+        add(sub)
+
+
+def cmd_training(args) -> None:
+    from edgelm.data.cli import cmd_data
+    from edgelm.rl.cli import cmd_rl
+    from edgelm.scaling.cli import cmd_scaling
+
+    {"data": cmd_data, "rl": cmd_rl, "scaling": cmd_scaling}[args.command](args)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "bench": cmd_bench, "profile": cmd_profile, "serve": cmd_serve, "eval": cmd_eval,
+            "quantize": cmd_quantize, "convert": cmd_convert, "qat": cmd_qat}
+COMMANDS.update(dict.fromkeys(("data", "rl", "scaling"), cmd_training))
 COMMANDS.update(dict.fromkeys(("data", "rl", "scaling"), cmd_training))
 COMMANDS["frspec"] = cmd_frspec
 
