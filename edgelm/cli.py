@@ -83,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     add_eval_parser(sub)
     add_training_parsers(sub)
-    add_training_parsers(sub)
     add_quantize_parser(sub)
     add_convert_parser(sub)
     add_frspec_parser(sub)
@@ -576,27 +575,8 @@ def cmd_training(args) -> None:
     {"data": cmd_data, "rl": cmd_rl, "scaling": cmd_scaling}[args.command](args)
 
 
-def add_training_parsers(sub) -> None:
-    """edgelm data | rl | scaling: UltraClean filtering, chunk-wise rollout + GRPO, scaling fits."""
-    from edgelm.data.cli import add_data_parser
-    from edgelm.rl.cli import add_rl_parser
-    from edgelm.scaling.cli import add_scaling_parser
-
-    for add in (add_data_parser, add_rl_parser, add_scaling_parser):
-        add(sub)
-
-
-def cmd_training(args) -> None:
-    from edgelm.data.cli import cmd_data
-    from edgelm.rl.cli import cmd_rl
-    from edgelm.scaling.cli import cmd_scaling
-
-    {"data": cmd_data, "rl": cmd_rl, "scaling": cmd_scaling}[args.command](args)
-
-
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "bench": cmd_bench, "profile": cmd_profile, "serve": cmd_serve, "eval": cmd_eval,
             "quantize": cmd_quantize, "convert": cmd_convert, "qat": cmd_qat}
-COMMANDS.update(dict.fromkeys(("data", "rl", "scaling"), cmd_training))
 COMMANDS.update(dict.fromkeys(("data", "rl", "scaling"), cmd_training))
 COMMANDS["frspec"] = cmd_frspec
 
