@@ -202,33 +202,9 @@ def load_from_args(args):
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     sparse = sparse_config_from_args(args)
     quant = getattr(args, "quant", "auto")
-    model = load(resolve_model(args.model), dtype=dtype, tokenizer_path=args.tokenizer,
-                 fuse=quant in ("auto", "dequantize"), dequantize=quant != "auto")
-    if quant in ("int8", "int4"):
-        from edgelm.quant.quantize import record_quantization
-
-        quantize_loaded(model, quant, args.group_size)
-        model.fuse()
-        record_quantization(model, quant, args.group_size)
+    model = load(resolve_model(args.model), dtype=dtype, tokenizer_path=args.tokenizer, dequantize=quant != "auto",
+                 quantize=quant if quant in ("int8", "int4") else None, group_size=getattr(args, "group_size", 32))
     return model.set_sparse_attention(sparse) if sparse is not None else model
-
-
-def quantize_loaded(model, method: str, group_size: int) -> None:
-    """Weight-only quantization of the decoder linears and LM head, skipping (with a note) the
-    layers whose shapes the kernels cannot take."""
-    from edgelm.quant.quantize import can_quantize, is_default_target, quantize_model
-
-    skipped = []
-
-    def predicate(path, m) -> bool:
-        ok = can_quantize(m, method, group_size)
-        if is_default_target(path, m) and not ok:
-            skipped.append(path)
-        return is_default_target(path, m) and ok
-
-    quantize_model(model, method, group_size, predicate=predicate)
-    if skipped:
-        print(f"note: {len(skipped)} layers kept dense (shape not divisible): {skipped[:4]}", file=sys.stderr)
 
 
 def cmd_quantize(args) -> None:
@@ -241,6 +217,7 @@ def cmd_quantize(args) -> None:
     from edgelm.convert import save_quantized
     from edgelm.hub import resolve_model
     from edgelm.loader import load
+    from edgelm.quant.quantize import quantize_decoder
 
     set_threads(args.threads)
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
@@ -252,7 +229,7 @@ def cmd_quantize(args) -> None:
 
         gptq_quantize_from_args(model, args)
     else:
-        quantize_loaded(model, args.method, args.group_size)
+        quantize_decoder(model, args.method, args.group_size)
     out = save_quantized(model, args.out)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{out}: {args.method}, {size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")

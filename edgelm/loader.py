@@ -17,7 +17,12 @@ from edgelm.formats import hf as hf_format
 from edgelm.formats import llama2c as llama2c_format
 from edgelm.models import build_model, get_model_module
 from edgelm.quant.gguf import repack_gguf_model
-from edgelm.quant.quantize import quantized_modules, record_quantization, restore_quantized_layout
+from edgelm.quant.quantize import (
+    quantize_decoder,
+    quantized_modules,
+    record_quantization,
+    restore_quantized_layout,
+)
 from edgelm.tokenizer import Tokenizer
 
 
@@ -135,6 +140,8 @@ def load(
     tokenizer_path: str | Path | None = None,
     fuse: bool = True,
     dequantize: bool = False,
+    quantize: str | None = None,
+    group_size: int = 32,
 ):
     """Load a model ready to run. `dtype=torch.float32` is the exact reference path for dense
     weights; the default picks the fastest dense dtype this machine supports (bf16 with
@@ -145,6 +152,8 @@ def load(
     and the other GGUF types into Int8Linear (`quant/gguf.py`), and a folder saved by
     `edgelm quantize` is rebuilt from its `config.json` "quantization" record. `dequantize=True`
     expands GGUF weights to dense `dtype` instead (the reference for parity tests).
+    `quantize="int8"|"int4"` quantizes the dense weights at load (weight-only; `group_size` for
+    int4), from the dequantized GGUF weights if the file is quantized.
     """
     configure_runtime()
     path = resolve_path(path)
@@ -160,10 +169,12 @@ def load(
         restore_quantized_layout(model, config["quantization"])
         assign_quantized_state(model, weights, dtype)
     else:
-        if not dequantize:
+        if not (dequantize or quantize):
             repack_gguf_model(model, weights, dtype)  # pops the weights it consumes
         assign_weights(model, weights, dtype)
     model.eval().requires_grad_(False)
+    if quantize:
+        quantize_decoder(model, quantize, group_size)
     if fuse:
         model.fuse()
     if quantized_modules(model):

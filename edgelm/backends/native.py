@@ -13,11 +13,11 @@ class NativeExecutor:
     def __init__(self, path, threads: int | None = None, dtype: torch.dtype | None = None, quant: str | None = None,
                  **load_kwargs):
         set_threads(threads)
-        self.model = load(path, dtype=dtype, **load_kwargs)
         if quant in ("int8", "int4"):
-            from edgelm.quant import quantize_model
-
-            quantize_model(self.model, quant)
+            load_kwargs["quantize"] = quant
+        elif quant != "gguf":  # fp32 / bf16: dense weights even from a quantized GGUF
+            load_kwargs["dequantize"] = True
+        self.model = load(path, dtype=dtype, **load_kwargs)
         self.tokenizer = self.model.tokenizer
         self.cache = None
 

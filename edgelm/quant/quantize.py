@@ -138,6 +138,26 @@ def quantize_model(
     return model
 
 
+def quantize_decoder(model: nn.Module, method: str, group_size: int = 32) -> list[str]:
+    """`quantize_model` over the decoder linears and LM head, keeping dense (and returning) the
+    layers whose shapes the kernels cannot take, with a note on stderr."""
+    import sys
+
+    skipped = []
+
+    def predicate(path, m) -> bool:
+        ok = can_quantize(m, method, group_size)
+        if is_default_target(path, m) and not ok:
+            skipped.append(path)
+        return is_default_target(path, m) and ok
+
+    quantize_model(model, method, group_size, predicate=predicate)
+    if skipped:
+        print(f"note: {len(skipped)} layers kept dense (shapes the {method} kernel cannot take): {skipped[:4]}",
+              file=sys.stderr)
+    return skipped
+
+
 def restore_quantized_layout(model: nn.Module, quantization: dict) -> nn.Module:
     """Rebuild the module layout a saved `config.quantization` describes, with empty quantized
     modules (on the device of the linears they replace, e.g. meta), ready for
