@@ -52,6 +52,19 @@ class CausalLM(nn.Module):
 
     tokenizer = None  # attached by the loader
 
+    def init_head(self, args, backbone: nn.Module) -> None:
+        """Set `config`, the backbone `model` (with `embed_tokens` and `layers`) and the LM head,
+        tied to the input embedding when `args.tie_word_embeddings`."""
+        self.config = args
+        self.model = backbone
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
     @property
     def context_length(self) -> int:
         return self.config.max_position_embeddings

@@ -205,15 +205,7 @@ class HybridModel(nn.Module):
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.config = args
-        self.model = HybridModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
+        self.init_head(args, HybridModel(args))
 
     def make_cache(self, left_pad=None, max_size: int | None = None) -> list:
         """A MambaCache per Mamba layer, a KVCache per attention layer."""

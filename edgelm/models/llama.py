@@ -136,15 +136,7 @@ class LlamaModel(nn.Module):
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.config = args
-        self.model = LlamaModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
+        self.init_head(args, LlamaModel(args))
 
     def hidden_states(self, tokens: torch.Tensor, cache, ctx: ForwardContext) -> torch.Tensor:
         h = self.model.embed_tokens(tokens)  # (B, L, hidden)

@@ -89,15 +89,7 @@ class Backbone(nn.Module):
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.config = args
-        self.model = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
+        self.init_head(args, Backbone(args))
 
     def make_cache(self, left_pad=None, max_size: int | None = None) -> list:
         """One MambaCache per layer (`max_size` is irrelevant: the state has a fixed size)."""
