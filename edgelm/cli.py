@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     add_sparse_args(gen)
     add_speculative_args(gen)
+    add_backend_arg(gen)
     chat = sub.add_parser("chat", help="interactive chat (streaming)")
     add_model_args(chat)
     add_sampling_args(chat)
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     add_sparse_args(b)
     add_speculative_args(b)
+    add_backend_arg(b)
     prof = sub.add_parser("profile", help="sweep prompt lengths, back-ends, quantizations; report + plots")
     prof.add_argument("--model", default=DEFAULT_MODEL)
     prof.add_argument("--backend", default="native", help="comma list: native,llama.cpp,transformers")
@@ -119,6 +121,24 @@ def cmd_qat(args) -> None:
     info = run_qat(str(resolve_model(args.model)), args.text, cfg, args.out)
     print(f"{args.out}: {args.steps} steps, {info['tokens']} tokens, {info['train_s']} s, "
           f"cross-entropy {info['first_ce']:.3f} -> {info['last_ce']:.3f}")
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["native", "llama.cpp", "transformers"], default="native",
+                   help="executor: edgelm itself, llama.cpp (GGUF; pip install 'edgelm[peers]') or transformers")
+
+
+def executor_from_args(args):
+    """(model-like object with .tokenizer, step_fn) for a non-native --backend."""
+    from edgelm.backends import executor_step_fn
+    from edgelm.hub import resolve_model
+    from edgelm.profiler.profile import make_executor
+
+    if getattr(args, "sparse_attention", None) or getattr(args, "speculative", None):
+        raise ValueError(f"--sparse-attention and --speculative run on the native back-end only, not {args.backend}")
+    quant = {"auto": "gguf", "dequantize": "fp32"}.get(getattr(args, "quant", "auto"), args.quant)
+    ex = make_executor(args.backend, str(resolve_model(args.model)), quant, args.threads)
+    return ex, executor_step_fn(ex)
 
 
 def add_quantize_parser(sub) -> None:
@@ -276,9 +296,12 @@ def cmd_generate(args) -> None:
     from edgelm.speculative.cli import check_speculative_args, stats_line, step_fn_from_args
 
     check_speculative_args(args)  # before the slow model load
-    model = load_from_args(args)
+    if args.backend != "native":
+        model, backend_step = executor_from_args(args)
+    else:
+        model, backend_step = load_from_args(args), None
     kwargs = sampling_from_args(args)
-    step_fn = step_fn_from_args(args, model)
+    step_fn = backend_step or step_fn_from_args(args, model)
     parts, last = [], None
     for last in stream_generate(
         model, args.prompt, chat=args.chat, ignore_eos=args.ignore_eos, step_fn=step_fn, **kwargs
@@ -288,7 +311,7 @@ def cmd_generate(args) -> None:
             print(last.text, end="", flush=True)
     if args.json:
         result = result_json("".join(parts), last)
-        if step_fn is not None:
+        if step_fn is not None and backend_step is None:
             result["speculative"] = speculative_json(step_fn.stats)
         print(json.dumps(result, indent=2))
     else:
@@ -378,6 +401,13 @@ def cmd_bench(args) -> None:
     check_speculative_args(args)
     if args.repeat < 0 or (args.repeat == 0 and args.context is None):
         raise ValueError("--repeat must be positive (0 only with --context, to measure memory alone)")
+    if args.backend != "native":
+        ex, step = executor_from_args(args)
+        with tqdm(total=args.repeat, desc=f"bench {args.backend}", file=sys.stderr) as bar:
+            report = {"model": args.model, "backend": args.backend,
+                      **bench(ex, args.prompt_tokens, args.gen_tokens, args.repeat, bar.update, step)}
+        print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k:>28}: {v}" for k, v in report.items()))
+        return
     model = bench_model_from_args(args)
     report = {"model": model.source, "compute_dtype": str(model.dtype)[6:]}
     if args.context is not None:

@@ -46,3 +46,23 @@ def test_native_reports_memory(native, native_tokens):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown back-end 'onnx'"):
         get_executor("onnx")
+
+
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python did not build (make test installs it)")
+def test_generate_and_bench_on_llama_cpp_backend(native, native_tokens, capsys):
+    """`--backend llama.cpp` runs the same CLI paths: greedy text equals the native engine's, and
+    bench reports speed and the roofline for the peer."""
+    import json
+
+    from edgelm.cli import main
+
+    ids, expected = native_tokens
+    args = ["--model", str(SMOL), "--threads", "2"]
+    assert main(["generate", *args, "--backend", "llama.cpp", "--prompt", PROMPT, "--max-tokens", "8",
+                 "--ignore-eos", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == native.tokenizer.decode(expected)
+    assert main(["bench", *args, "--backend", "llama.cpp", "--prompt-tokens", "16", "--gen-tokens", "4",
+                 "--repeat", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backend"] == "llama.cpp" and report["decode_tok_s"] > 0 and report["weight_bytes_per_token"] > 50e6

@@ -38,3 +38,26 @@ def greedy_tokens(executor, ids: list[int], max_tokens: int) -> list[int]:
         out.append(int(logits.argmax()))
         logits = executor.decode(out[-1])
     return out
+
+
+def executor_step_fn(executor):
+    """A `generate_step`-compatible step function driving `executor`, so `stream_generate`,
+    `edgelm generate` and `edgelm bench` run any back-end with edgelm's samplers and stop rules.
+    Pass the executor itself as the "model" (it has `.tokenizer`)."""
+    import torch
+
+    from edgelm.sampling import make_sampler
+
+    def step(_model, prompt, *, sampler=None, logits_processors=(), max_tokens: int = 256, **_):
+        sampler = sampler or make_sampler()
+        history = torch.tensor([list(prompt)], dtype=torch.long)
+        logits = executor.prefill(list(prompt))[None]  # (1, V)
+        for _ in range(max_tokens):
+            for process in logits_processors:
+                logits = process(history, logits)
+            token = sampler(logits)  # (1,)
+            yield int(token), logits[0]
+            history = torch.cat([history, token[:, None]], dim=1)
+            logits = executor.decode(int(token))[None]
+
+    return step

@@ -162,21 +162,21 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def bench(model, prompt_tokens: int = 512, gen_tokens: int = 256, repeat: int = 5, progress=None) -> dict:
-    """Median over `repeat` runs (after one warm-up) plus memory and roofline figures."""
-    if prompt_tokens + gen_tokens > model.context_length:
-        raise ValueError(
-            f"prompt {prompt_tokens} + generation {gen_tokens} tokens exceed the context of {model.context_length}"
-        )
+def bench(model, prompt_tokens: int = 512, gen_tokens: int = 256, repeat: int = 5, progress=None, step_fn=None) -> dict:
+    """Median over `repeat` runs (after one warm-up) plus memory and roofline figures. `model` may
+    be an executor of another back-end (with `step_fn = executor_step_fn(executor)`)."""
+    context = getattr(model, "context_length", None)
+    if context is not None and prompt_tokens + gen_tokens > context:
+        raise ValueError(f"prompt {prompt_tokens} + generation {gen_tokens} tokens exceed the context of {context}")
     prompt = synthetic_prompt(model, prompt_tokens)
-    run_once(model, prompt[:16], 4)  # warm-up: allocator, lazy init
+    run_once(model, prompt[:16], 4, step_fn)  # warm-up: allocator, lazy init
     runs = []
     for _ in range(repeat):
-        runs.append(run_once(model, prompt, gen_tokens))
+        runs.append(run_once(model, prompt, gen_tokens, step_fn))
         if progress:
             progress()
     med = {k: statistics.median(getattr(r, k) for r in runs) for k in asdict(runs[0])}
-    wbytes = weight_bytes_per_token(model)
+    wbytes = model.weight_bytes() if hasattr(model, "weight_bytes") else weight_bytes_per_token(model)
     bandwidth = measure_bandwidth_gbs()
     roofline = bandwidth * 1e9 / wbytes
     return {
