@@ -1,6 +1,6 @@
 """Load test of `edgelm serve`: N concurrent streaming chat clients against SmolLM2 on loopback.
 
-    python benchmarks/server_load.py [--duration 120] [--clients 1,4,8,16] [--max-tokens 64]
+    python benchmarks/server_load.py [--duration 120] [--clients 1,4,8,16] [--max-tokens 64] [--server llama.cpp]
 
 Starts the server as a subprocess (so client work does not share its GIL), then for each client
 count runs that many closed-loop clients for `--duration` seconds: each sends a streaming chat
@@ -111,8 +111,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def server_command(args, port: int) -> list[str]:
+    """edgelm's server, or llama-cpp-python's OpenAI server on the same GGUF and threads (the
+    peer: it serves one sequence at a time, queuing concurrent requests)."""
+    if args.server == "llama.cpp":
+        threads = str(args.threads or 2)
+        return [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model), "--port", str(port),
+                "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096"]
     cmd = [
         sys.executable,
         "-m",
@@ -125,13 +130,18 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         "--max-batch",
         str(args.max_batch),
     ]
-    cmd += ["--threads", str(args.threads)] if args.threads else []
+    return cmd + (["--threads", str(args.threads)] if args.threads else [])
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = server_command(args, port)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.5)
@@ -171,6 +181,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request (EOS ignored)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--server", choices=["edgelm", "llama.cpp"], default="edgelm",
+                   help="llama.cpp: llama-cpp-python's server (pip install sse-starlette starlette-context "
+                   "pydantic-settings); it does not honour ignore_eos, so its requests may end early")
     args = p.parse_args()
     proc, url = start_server(args)
     try:
@@ -179,7 +192,7 @@ def main() -> None:
             levels.append(asyncio.run(run_level(url, n, args.duration, args.max_tokens, proc.pid)))
             print(f"{n} clients: {levels[-1].tokens} tokens in {levels[-1].elapsed:.1f} s", file=sys.stderr)
         print(
-            f"\n{Path(args.model).stem}, max batch {args.max_batch}, threads {args.threads or 'default'}, "
+            f"\n{args.server} server, {Path(args.model).stem}, max batch {args.max_batch}, threads {args.threads or 'default'}, "
             f"{args.max_tokens} tokens per request, {args.duration:g} s per level\n"
         )
         print(table(levels))

@@ -444,7 +444,15 @@ def bench_model_from_args(args):
     from edgelm.profiler.bench import randomize_
 
     set_threads(args.threads)
-    model = randomize_(build_model(text_config(config))).eval()
+    model = randomize_(build_model(text_config(config))).eval().requires_grad_(False)
+    quant = getattr(args, "quant", "auto")
+    if quant in ("int8", "int4"):
+        from edgelm.quant.quantize import quantize_decoder, record_quantization
+
+        quantize_decoder(model, quant, args.group_size)
+    model.fuse()
+    if quant in ("int8", "int4"):
+        record_quantization(model, quant, args.group_size)
     model.source = f"{args.model} (random weights)"
     return model
 

@@ -184,3 +184,20 @@ def test_quantize_refuses_bad_input(tmp_path, capsys):
     model = load(STORIES, dtype=torch.float32, fuse=False)
     with pytest.raises(ValueError, match="group"):
         quantize_model(model, "int4", group_size=48)
+
+
+def test_bench_random_config_quantized(tmp_path):
+    """`edgelm bench --model config.json --quant int4`: random weights of an architecture
+    (the ~1B bandwidth-bound benchmark shape), quantized and fused like a loaded model."""
+    from argparse import Namespace
+
+    from edgelm.cli import bench_model_from_args
+
+    config = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = Namespace(model=str(tmp_path / "config.json"), threads=1, quant="int4", group_size=32)
+    model = bench_model_from_args(args)
+    assert isinstance(model.layers[0].mlp.gate_up_proj, Int4Linear) and isinstance(model.lm_head, Int4Linear)
+    logits = model(torch.tensor([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
