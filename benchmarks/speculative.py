@@ -1,17 +1,18 @@
-"""Speculative decoding on SmolLM2-135M (fp32 target): decode tok/s and mean accepted length per
-proposer, with and without FR-Spec, on a chat prompt and a code-continuation prompt.
+"""Speculative decoding on SmolLM2-135M (fp32 or int4 target): decode tok/s and mean accepted
+length per proposer, with and without FR-Spec, on a chat prompt and a code-continuation prompt.
 
-    python benchmarks/speculative.py [--model PATH] [--max-tokens 64] [--threads 2] [--num-draft 4]
+    python benchmarks/speculative.py [--model PATH] [--target fp32|int4] [--max-tokens 64]
+                                     [--threads 2] [--num-draft 4] [--cost]
 
 Plain greedy `generate_step` is measured in the same run as the baseline, and every speculative
 run is checked token-for-token against it. Prints a Markdown table (and JSON with --json).
 """
 
 import argparse
-import copy
 import json
+import os
+import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -44,33 +45,55 @@ def prompts(tokenizer) -> dict[str, list[int]]:
 
 
 def self_quant(model):
-    """A quantized copy of the target as its draft: edgelm.quant int4 where it exists, else
-    torch's dynamic int8 (a stand-in until edgelm.quant lands)."""
-    draft = copy.deepcopy(model)
-    try:
-        from edgelm.quant import quantize_model
-    except ImportError:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(
-                draft, {torch.nn.Linear}, dtype=torch.qint8
-            ), "int8 (torch)"
-    return quantize_model(draft, "int4", group_size=32), "int4"
+    """A group-32 int4 copy of the target (the self-quant draft, or the int4 target)."""
+    from edgelm.speculative.cli import self_quant_draft
+
+    return self_quant_draft(model, "int4"), "int4"
 
 
 def proposers(model, ids_fr: torch.Tensor, layers: int, quant, quant_name: str) -> dict:
-    """name -> (FR-Spec size or None, factory)."""
+    """name -> (FR-Spec size or None, factory). No self-quant draft when the target is int4 itself."""
     V = len(ids_fr)
-    return {
+    cases = {
         "n-gram (prompt lookup)": (None, lambda: NgramProposer(n_max=3)),
+        "n-gram, matches of 2..5": (None, lambda: NgramProposer(n_max=5, n_min=2)),
         f"layer-skip {layers}/{len(model.layers)}": (None, lambda: LayerSkipProposer(model, layers)),
         f"layer-skip {layers}/{len(model.layers)} + FR": (
             V,
             lambda: LayerSkipProposer(model, layers, ids_fr),
         ),
-        f"self-quant {quant_name}": (None, lambda: DraftModelProposer(quant)),
-        f"self-quant {quant_name} + FR": (V, lambda: DraftModelProposer(quant, ids_fr)),
     }
+    if quant is not None:
+        cases[f"self-quant {quant_name}"] = (None, lambda: DraftModelProposer(quant))
+        cases[f"self-quant {quant_name} + FR"] = (V, lambda: DraftModelProposer(quant, ids_fr))
+    return cases
+
+
+def load_dense(path):
+    """fp32 weights even from a GGUF (newer loaders keep GGUF blocks quantized unless asked)."""
+    try:
+        return load(path, dtype=torch.float32, dequantize=True)
+    except TypeError:
+        return load(path, dtype=torch.float32)
+
+
+@torch.inference_mode()
+def forward_cost(model, ids: list[int], lengths=(1, 2, 3, 5, 9), repeat: int = 7) -> dict[int, float]:
+    """Median ms of one cached forward over L new tokens after the prompt (a verify of k = L - 1
+    drafts), trimmed back after each call: what a verify costs relative to a plain step."""
+    cache = model.make_cache()
+    model(torch.tensor([ids]), cache, num_logits=1)
+    out = {}
+    for L in lengths:
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            model(torch.tensor([ids[:L]]), cache)
+            times.append(time.perf_counter() - t)
+            for c in cache:
+                c.trim(L)
+        out[L] = statistics.median(times) * 1e3
+    return out
 
 
 def timed(steps) -> tuple[list[int], float]:
@@ -102,7 +125,8 @@ def run(model, ids_by_prompt, cases: dict, args) -> list[dict]:
         for name, (fr, make) in cases.items():
             stats = SpeculativeStats()
             steps = speculative_generate_step(
-                model, ids, make(), num_draft=args.num_draft, max_tokens=args.max_tokens, stats=stats
+                model, ids, make(), num_draft=args.num_draft, max_tokens=args.max_tokens, stats=stats,
+                verify_cost=args.verify_cost,
             )
             out, tps = timed(steps)
             rows.append(
@@ -149,18 +173,32 @@ def main() -> None:
     p.add_argument("--num-draft", type=int, default=4)
     p.add_argument("--layers", type=int, default=24, help="decoder layers the layer-skip draft keeps")
     p.add_argument("--frspec-size", type=int, default=8192)
+    p.add_argument("--target", choices=["fp32", "int4"], default="fp32", help="int4: group-32 weight-only")
+    p.add_argument("--cost", action="store_true",
+                   help="first measure verify cost vs a one-token step and tune the adaptive draft length to it")
+    p.add_argument("--verify-cost", type=float, default=0.05, help="extra cost per draft token (without --cost)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     set_threads(args.threads)
     configure_runtime()
-    model = load(args.model, dtype=torch.float32)
+    model = load_dense(args.model)
     ids_fr = build_frequency_ranking(model.tokenizer, TEXT, [args.frspec_size])[args.frspec_size]
     quant, quant_name = self_quant(model)
+    if args.target == "int4":  # the int4 copy is the target; its plain decode is the baseline
+        model, quant = quant, None
+    load_start = os.getloadavg()[0]
+    if args.cost:
+        ms = forward_cost(model, prompts(model.tokenizer)["code"])
+        print("forward over L new tokens (ms, x one-token step): "
+              + ", ".join(f"L={L}: {t:.1f} ({t / ms[1]:.2f}x)" for L, t in ms.items()), flush=True)
+        args.verify_cost = max(0.0, (ms[5] / ms[1] - 1) / 4)  # extra cost per draft token, measured
+        print(f"adaptive draft length uses verify cost {args.verify_cost:.3f} per draft token", flush=True)
     cases = proposers(model, ids_fr, args.layers, quant, quant_name)
     rows = run(model, prompts(model.tokenizer), cases, args)
     print(
-        f"\nSmolLM2-135M fp32 target, {args.max_tokens} tokens, {args.threads} threads, "
-        f"k <= {args.num_draft} (adaptive), FR-Spec V = {args.frspec_size} of {model.tokenizer.vocab_size}\n"
+        f"\nSmolLM2-135M {args.target} target, {args.max_tokens} tokens, {args.threads} threads, "
+        f"k <= {args.num_draft} (adaptive), FR-Spec V = {args.frspec_size} of {model.tokenizer.vocab_size}, "
+        f"load average {load_start:.1f} -> {os.getloadavg()[0]:.1f}\n"
     )
     print(markdown(rows))
     if args.json:

@@ -83,6 +83,7 @@ def speculative_generate_step(
     cache: list | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     stats: SpeculativeStats | None = None,
+    verify_cost: float = 0.05,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token id, target logits (V,) it was chosen from) until max_tokens or the context is
     full, like `generate_step`. Greedy (the default sampling) yields the very same tokens; with
@@ -91,6 +92,8 @@ def speculative_generate_step(
     from the acceptance rate and the proposer's cost (`DraftLength`). `stats`, when given, is
     updated as tokens are yielded. The sampler is `sampling` (settings as data: the acceptance
     rule needs distributions, not just a sampled token).
+    `verify_cost` is a verify pass's extra cost per draft token, in target forwards: measure it
+    as (t(k+1 tokens) / t(1 token) − 1) / k (`benchmarks/speculative.py --cost`).
     """
     if num_draft <= 0:
         raise ValueError(f"num_draft must be a positive number of draft tokens, got {num_draft}")
@@ -108,7 +111,7 @@ def speculative_generate_step(
     history.append(token)
     stats.num_tokens += 1
     yield token, logits[0]
-    lengths, emitted = DraftLength(num_draft, proposer.cost, adaptive), 1
+    lengths, emitted = DraftLength(num_draft, proposer.cost, adaptive, verify_cost), 1
     while emitted < budget:
         k = min(lengths.next(), budget - emitted - 1)  # never pass the budget
         draft = proposer.propose(history, k, sampling) if k > 0 else Draft([])
