@@ -1,7 +1,8 @@
 """Chunk-wise rollout and the GRPO loop on stories260K:
 
 - greedy trajectories with a per-stage budget smaller than the generation length == the same
-  trajectories without a budget (tokens, finish reasons, log-probs), in more stages;
+  trajectories without a budget (tokens, finish reasons, log-probs), in more stages, whether parked
+  trajectories keep their KV cache (LLMEngine.park/resume) or recompute it;
 - chunks tile each output, never exceed the budget and record the policy version of their stage;
 - the chunk-level GRPO loss against a hand computation, clipping, and a few real training steps;
 - bad budgets and rewards are clear errors.
@@ -39,16 +40,18 @@ def prompt_ids(stories):
     return [stories.tokenizer.encode(p) for p in PROMPTS]
 
 
-def roll(model, prompts, budget, temperature=0.0, G=2, max_tokens=48):
-    rollout = ChunkedRollout(LLMEngine(model, max_batch=4), G, budget, max_tokens, temperature=temperature)
+def roll(model, prompts, budget, temperature=0.0, G=2, max_tokens=48, keep_cache=True):
+    engine = LLMEngine(model, max_batch=4)
+    rollout = ChunkedRollout(engine, G, budget, max_tokens, temperature=temperature, keep_cache=keep_cache)
     for p in prompts:
         rollout.add_prompt(p)
     return rollout.run(), rollout.stats
 
 
-def test_budgeted_rollout_equals_unlimited_greedy(stories, prompt_ids):
+@pytest.mark.parametrize("keep_cache", [True, False], ids=["cache-kept", "recomputed"])
+def test_budgeted_rollout_equals_unlimited_greedy(stories, prompt_ids, keep_cache):
     full, full_stats = roll(stories, prompt_ids, budget=None)
-    chunked, chunked_stats = roll(stories, prompt_ids, budget=7)
+    chunked, chunked_stats = roll(stories, prompt_ids, budget=7, keep_cache=keep_cache)
     pairs = [(a, b) for ga, gb in zip(full, chunked) for a, b in zip(ga.samples, gb.samples)]
     assert len(pairs) == 2 * len(PROMPTS)
     assert any(len(a.output_ids) > 7 for a, _ in pairs)  # the budget really cuts trajectories

@@ -16,7 +16,7 @@ import torch
 
 from edgelm.engine.runner import ModelRunner
 from edgelm.engine.scheduler import Scheduler
-from edgelm.engine.sequence import SamplingParams, Sequence, StepOutput
+from edgelm.engine.sequence import SamplingParams, Sequence, Status, StepOutput
 from edgelm.generate import check_prompt
 
 log = logging.getLogger("edgelm.engine")
@@ -89,6 +89,25 @@ class LLMEngine:
         self.scheduler.abort(seq)
         self.runner.free(seq_id)
         return seq.finish(reason)
+
+    def park(self, seq_id: int) -> Sequence:
+        """Take a running sequence out between steps, keeping a copy of its KV cache; `resume`
+        puts it back (chunk-wise rollout parks trajectories that used up a stage's budget)."""
+        seq = self.seqs.pop(seq_id)
+        seq.saved_kv = self.runner.save(seq_id)
+        seq.num_cached = seq.saved_kv[0][0].shape[1] if seq.saved_kv is not None else 0
+        self.scheduler.abort(seq)
+        self.runner.free(seq_id)
+        seq.status = Status.WAITING
+        return seq
+
+    def resume(self, seq: Sequence) -> None:
+        """Queue a parked sequence again; its saved cache is restored when it is admitted, so only
+        its last sampled token is fed (a decode, not a prefill)."""
+        if seq.id in self.seqs:
+            raise ValueError(f"sequence id {seq.id} is already in use")
+        self.seqs[seq.id] = seq
+        self.scheduler.add(seq)
 
     def abort_all(self, reason: str = "abort") -> list[StepOutput]:
         return [self.abort(seq_id, reason) for seq_id in list(self.seqs)]

@@ -177,9 +177,32 @@ class ModelRunner:
             rows.append(self.decode(plan.decode))
         return torch.cat(rows) if rows else torch.empty(0)
 
+    @torch.inference_mode()
+    def save(self, seq_id: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """A copy of a sequence's cached keys/values, per layer (Hkv, n, D) each (None: no slot)."""
+        slot = self.slot_of.get(seq_id)
+        if slot is None:
+            return None
+        n = self.cache.lengths[slot]
+        return [(k[slot, :, :n].clone(), v[slot, :, :n].clone()) for k, v in zip(self.cache.keys, self.cache.values)]
+
+    def _slot_for(self, seq) -> int:
+        slot = self._slot(seq.id)
+        if seq.saved_kv is not None:  # a parked sequence resuming: its cache comes back first
+            self._restore(slot, seq.saved_kv)
+            seq.saved_kv = None
+        return slot
+
+    def _restore(self, slot: int, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        n = saved[0][0].shape[1]
+        self.cache.reserve(n)
+        for (k, v), keys, values in zip(saved, self.cache.keys, self.cache.values):
+            keys[slot, :, :n], values[slot, :, :n] = k, v
+        self.cache.lengths[slot] = n
+
     def prefill(self, seq, end: int) -> torch.Tensor:
         """Feed seq.token_ids[num_cached:end] into its slot -> last position's logits (1, V)."""
-        slot = self._slot(seq.id)
+        slot = self._slot_for(seq)
         tokens = torch.tensor([seq.token_ids[seq.num_cached : end]], dtype=torch.long)
         self.cache.reserve(end)
         logits = self.model(tokens, self.cache.slot_view(slot), num_logits=1)[:, -1]
@@ -188,7 +211,7 @@ class ModelRunner:
 
     def decode(self, seqs: list) -> torch.Tensor:
         """Feed each sequence's next token in one forward over all active slots -> logits (len, V)."""
-        slots = [self._slot(s.id) for s in seqs]
+        slots = [self._slot_for(s) for s in seqs]
         tokens = torch.zeros(len(self.cache.lengths), 1, dtype=torch.long)  # dummy rows: token 0
         for slot, seq in zip(slots, seqs):
             tokens[slot, 0] = seq.token_ids[seq.num_cached]

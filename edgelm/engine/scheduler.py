@@ -9,7 +9,8 @@ Policy, in the order `schedule()` applies it:
    mid-prefill go first, one chunk each; the rest of the allowance admits waiting sequences, FIFO,
    while a slot is free (`max_batch`) and the whole prompt fits in the KV budget. A long prompt
    thus takes several steps, and a burst of short ones shares a step.
-3. Decode: every running sequence past its prompt feeds one token, in the same step.
+3. Decode: every running sequence past its prompt feeds one token, in the same step (so does a
+   parked sequence resumed with its saved cache: it has only its last token to feed).
 """
 
 from collections import deque
@@ -64,8 +65,11 @@ class Scheduler:
         plan = Plan()
         self._make_room(plan)
         plan.decode = [s for s in self.running if not s.is_prefilling]
+        prefilling = [s for s in self.running if s.is_prefilling]
+        admitted = self._admit()
+        plan.decode += [s for s in admitted if not s.is_prefilling]  # resumed with their cache
         allowance = self.prefill_chunk
-        for seq in [s for s in self.running if s.is_prefilling] + self._admit():
+        for seq in prefilling + [s for s in admitted if s.is_prefilling]:
             if allowance <= 0:
                 break
             end = min(seq.num_cached + allowance, seq.num_tokens)

@@ -91,6 +91,7 @@ class Sequence:
         self.stopper = _StopMatcher(params.stop)
         self.status = Status.WAITING
         self.finish_reason: str | None = None
+        self.saved_kv = None  # set while parked (LLMEngine.park): the cache to restore on resume
 
     @property
     def num_tokens(self) -> int:
@@ -153,4 +154,5 @@ class Sequence:
     def preempt(self) -> None:
         """Drop the cache (recompute later); generated tokens are kept and re-fed as prompt."""
         self.num_cached = 0
+        self.saved_kv = None
         self.status = Status.WAITING

@@ -8,10 +8,12 @@ resume in the next stage merged with new prompts. A stage holds at most `stage_s
 finishes, and a long tail leaves the batch nearly empty; with one, the tail is cut into chunks
 and new prompts fill the batch (the paper reports ~1.7x faster RL steps).
 
-A parked trajectory's KV cache is not kept: it resumes as a new engine request whose prompt is
-prompt + output so far, recomputed in one chunked prefill (cheap next to decoding it again). The
-engine samples token by token exactly as before, so greedy trajectories are the same with or
-without a budget; only the number of stages changes.
+A parked trajectory keeps its KV cache by default (`keep_cache`): the engine copies its slot out
+(`LLMEngine.park`) and back in when it resumes, so it goes straight back to decoding. With
+keep_cache=False it resumes instead as a new request whose prompt is prompt + output so far,
+recomputed by a chunked prefill (no memory held, but the prefill costs grow with the length). Either
+way the engine samples token by token exactly as before, so greedy trajectories are the same with
+or without a budget; only the number of stages changes.
 """
 
 import time
@@ -41,6 +43,7 @@ class Trajectory:
     chunks: list[Chunk] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS) or "length" once done
     text: str = ""
+    parked: object = None  # the engine Sequence, with its saved cache, while parked (keep_cache)
 
     @property
     def is_done(self) -> bool:
@@ -95,6 +98,7 @@ class ChunkedRollout:
         temperature: float = 1.0,
         ignore_eos: bool = False,
         seed: int = 0,
+        keep_cache: bool = True,
     ):
         if budget is not None and budget <= 0:
             raise ValueError(f"the rollout budget must be a positive number of tokens, got {budget}")
@@ -103,6 +107,7 @@ class ChunkedRollout:
         self.engine, self.num_samples, self.budget, self.max_tokens = engine, num_samples, budget, max_tokens
         self.stage_size = stage_size or engine.scheduler.max_batch
         self.temperature, self.ignore_eos, self.seed = temperature, ignore_eos, seed
+        self.keep_cache = keep_cache
         self.policy_version = 0
         self.waiting: deque[Group] = deque()  # not started
         self.parked: deque[Trajectory] = deque()  # started, out of budget last stage
@@ -154,21 +159,39 @@ class ChunkedRollout:
         return stage
 
     def _params(self, t: Trajectory) -> SamplingParams:
-        n = t.remaining if self.budget is None else min(self.budget, t.remaining)
+        # recompute mode ends the request at the budget; keep_cache parks it from outside (_run)
+        n = t.remaining if self.budget is None or self.keep_cache else min(self.budget, t.remaining)
         # seeded by position, so a sample's draws do not depend on where the stages cut it
         seed = hash((self.seed, t.group_id, t.index, len(t.output_ids))) & 0x7FFFFFFF
         return SamplingParams(n, self.temperature, seed=seed, ignore_eos=self.ignore_eos, logprobs=0)
 
+    def _start(self, t: Trajectory) -> int:
+        """Put a trajectory into the engine for this stage; returns its sequence id."""
+        t.chunks.append(Chunk(len(t.output_ids), len(t.output_ids), self.policy_version))
+        if t.parked is not None:
+            seq, t.parked = t.parked, None
+            self.engine.resume(seq)
+            return seq.id
+        return self.engine.add_request(t.prompt_ids + t.output_ids, self._params(t))
+
     def _run(self, stage: list[Trajectory]) -> None:
         assert not self.engine.has_work, "the rollout needs the engine to itself"
-        by_seq = {}
-        for t in stage:
-            by_seq[self.engine.add_request(t.prompt_ids + t.output_ids, self._params(t))] = t
-            t.chunks.append(Chunk(len(t.output_ids), len(t.output_ids), self.policy_version))
+        by_seq = {self._start(t): t for t in stage}
         while self.engine.has_work:
             for out in self.engine.step():
                 self._take(by_seq[out.seq_id], out)
             self.stats.num_steps += 1
+            if self.keep_cache and self.budget is not None:
+                self._park_spent(by_seq)
+
+    def _park_spent(self, by_seq: dict[int, Trajectory]) -> None:
+        """Park (with their caches) the running trajectories that used up this stage's budget."""
+        for seq_id, t in list(by_seq.items()):
+            chunk = t.chunks[-1]
+            if not t.is_done and t.parked is None and chunk.end - chunk.start >= self.budget:
+                t.parked = self.engine.park(seq_id)
+                self.parked.append(t)
+                del by_seq[seq_id]
 
     def _take(self, t: Trajectory, out) -> None:
         if out.token is not None:
@@ -180,6 +203,6 @@ class ChunkedRollout:
         if out.finish_reason is None:
             return
         if out.finish_reason == "length" and t.remaining > 0:
-            self.parked.append(t)  # out of this stage's budget: resume next stage
+            self.parked.append(t)  # recompute mode, out of this stage's budget: resume next stage
         else:
             t.finish_reason = out.finish_reason
