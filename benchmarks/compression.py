@@ -44,7 +44,7 @@ def eval_ids(tokenizer, ctx: int, windows: int) -> list[int]:
     return ids[: ctx * windows]
 
 
-def decode_tok_s(model, repeat: int = 3, prompt_len: int = 32, gen: int = 64) -> float:
+def decode_tok_s(model, repeat: int = 2, prompt_len: int = 32, gen: int = 32) -> float:
     """Median greedy decode speed (tokens/s after the first token), batch 1."""
     prompt = model.tokenizer.encode(TEXT.read_text()[:2000])[:prompt_len]
     runs = []
@@ -86,12 +86,29 @@ def build(row: str, args):
 
         ternarize_model(model, group_size=32)
         return model, {"group_size": 32}
+    if row == "qat" and args.qat_latent:  # a run's intermediate checkpoint of latent weights
+        return from_latent(model, args.qat_latent)
     if row == "qat":
         model = load(args.qat_dir, dtype=torch.float32, fuse=False)
         info = json.loads((Path(args.qat_dir) / "qat.json").read_text())
         return model, {"group_size": 32, **{k: info[k] for k in ("steps", "tokens", "distill", "train_s")}}
     assert row == "fp32", row
     return model, {}
+
+
+def from_latent(model, path: str):
+    """Ternary model from `edgelm qat --ckpt-every` latent weights (latent-stepN.safetensors)."""
+    from safetensors.torch import load_file
+
+    from edgelm.quant.qat import finish_qat, prepare_qat
+
+    prepare_qat(model)
+    result = model.load_state_dict(load_file(path), strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys[:4]
+    finish_qat(model)
+    steps = int(Path(path).stem.split("step")[-1])
+    info = json.loads((Path(path).parent / "qat-args.json").read_text())
+    return model, {"group_size": 32, "steps": steps, "tokens": steps * info["batch_size"] * info["seq_len"]}
 
 
 def measure(row: str, args) -> dict:
@@ -134,12 +151,13 @@ def main() -> None:
     p.add_argument("--rows", default="/tmp/h5/rows", help="folder of per-row JSON results")
     p.add_argument("--table", action="store_true")
     p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--windows", type=int, default=8)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--prefix-skip", type=int, default=4)
     p.add_argument("--qat-dir", default="/tmp/h5/qat")
+    p.add_argument("--qat-latent", default=None, help="row qat from a latent-stepN.safetensors checkpoint")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -400,11 +400,13 @@ def plot_profile(profile: torch.Tensor, path: str | Path, title: str) -> None:
     ax.set_ylabel("layer")
     ax.set_title("log10 max |x|, down_proj input")
     fig.colorbar(im, ax=ax)
-    for i in range(0, len(profile), max(1, len(profile) // 6)):
-        ax2.semilogy(profile[i].numpy(), marker="o", ms=3, label=f"layer {i}")
+    ratio = profile[:, :4].amax(1) / profile[:, 4:].amax(1).clamp_min(1e-12)
+    spiky = ratio.argsort(descending=True)[:3].tolist()  # the layers P-GPTQ is about
+    for i in sorted({*spiky, 0, len(profile) // 2}):
+        ax2.semilogy(profile[i].numpy(), marker="o", ms=3, label=f"layer {i} (x{float(ratio[i]):.1f})")
     ax2.axvline(3.5, color="grey", ls="--", lw=1)
     ax2.set_xlabel("position in sequence")
-    ax2.set_ylabel("max |x|")
+    ax2.set_ylabel("max |x|  (legend: max over 0-3 / max over 4+)")
     ax2.legend(fontsize=8)
     ax2.set_title("positions < 4 are left out of H by P-GPTQ (--prefix-skip 4)")
     fig.suptitle(title)
