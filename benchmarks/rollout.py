@@ -26,17 +26,32 @@ from edgelm.loader import load
 from edgelm.rl.rollout import ChunkedRollout
 
 MODEL = Path(__file__).resolve().parents[2] / "shared/models/stories260K/stories260K.bin"
-OPENERS = ["Once upon a time", "One day", "Lily and Tom", "The little dog", "There was a big tree", "Sam had a"]
+OPENERS = [
+    "Once upon a time",
+    "One day",
+    "Lily and Tom",
+    "The little dog",
+    "There was a big tree",
+    "Sam had a",
+]
 
 
-def random_llama(seed: int = 0):
-    """A random ~17M-parameter Llama: big enough that a decode step's cost is its weight reads
-    (as for real models), not per-sequence Python; stories260K (260K parameters) is the opposite."""
+def random_llama(hidden: int = 512, seed: int = 0):
+    """A random Llama (~17M parameters at hidden 512): big enough that a decode step's cost is
+    mostly its weight reads, as for real models, not per-sequence Python (stories260K's case)."""
     from edgelm.models import build_model
 
-    config = dict(model_type="llama", vocab_size=4096, hidden_size=512, intermediate_size=1376,
-                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                  max_position_embeddings=1024, tie_word_embeddings=True)
+    config = dict(
+        model_type="llama",
+        vocab_size=4096,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     model = build_model(config).eval().requires_grad_(False)
     for name, p in model.named_parameters():
@@ -52,21 +67,28 @@ def encode(model, text: str) -> list[int]:
 
 def lengths(num_prompts: int, G: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    draw = lambda: rng.randint(160, 320) if rng.random() < 0.2 else rng.randint(16, 48)  # noqa: E731
+    draw = lambda: rng.randint(160, 320) if rng.random() < 0.2 else rng.randint(16, 48)
     return [[draw() for _ in range(G)] for _ in range(num_prompts)]
 
 
 def run(model, budget: int | None, args) -> dict:
     engine = LLMEngine(model, max_batch=args.max_batch)
-    rollout = ChunkedRollout(engine, args.G, budget, 320, args.stage_size, temperature=1.0, ignore_eos=True, seed=1)
+    rollout = ChunkedRollout(
+        engine, args.G, budget, 320, args.stage_size, temperature=1.0, ignore_eos=True, seed=1
+    )
     for i, limits in enumerate(lengths(args.prompts, args.G, seed=0)):
         rollout.add_prompt(encode(model, OPENERS[i % len(OPENERS)]), max_tokens=limits)
     start = time.perf_counter()
     groups = rollout.run()
     s = rollout.stats
     assert len(groups) == args.prompts
-    return {"tokens_per_s": s.num_tokens / (time.perf_counter() - start), "occupancy": s.occupancy,
-            "stages": s.num_stages, "steps": s.num_steps, "tokens": s.num_tokens}
+    return {
+        "tokens_per_s": s.num_tokens / (time.perf_counter() - start),
+        "occupancy": s.occupancy,
+        "stages": s.num_stages,
+        "steps": s.num_steps,
+        "tokens": s.num_tokens,
+    }
 
 
 def main() -> None:
@@ -74,6 +96,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("-G", type=int, default=4)
     p.add_argument("--model", choices=["random", "stories260K"], default="random")
+    p.add_argument("--hidden", type=int, default=512, help="random model width (512: ~17M parameters)")
     p.add_argument("--max-batch", type=int, default=16, help="engine batch (sequences decoded together)")
     p.add_argument("--stage-size", type=int, default=16, help="trajectories per stage (rollout batch)")
     p.add_argument("--budget", type=int, action="append", default=None, help="repeatable (default 16 and 32)")
@@ -82,7 +105,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = random_llama() if args.model == "random" else load(MODEL, dtype=torch.float32)
+    model = random_llama(args.hidden) if args.model == "random" else load(MODEL, dtype=torch.float32)
     settings = [None] + (args.budget or [16, 32])
     runs = {b: [] for b in settings}
     run(model, settings[1], args)  # warm-up
@@ -95,7 +118,9 @@ def main() -> None:
     for b, rs in runs.items():
         tps = statistics.median(r["tokens_per_s"] for r in rs)
         occ = statistics.median(r["occupancy"] for r in rs)
-        print(f"| {b or 'none'} | {tps:.0f} | {occ:.2f} | {rs[0]['stages']} | {rs[0]['steps']} | {tps / base:.2f}x |")
+        print(
+            f"| {b or 'none'} | {tps:.0f} | {occ:.2f} | {rs[0]['stages']} | {rs[0]['steps']} | {tps / base:.2f}x |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({str(k): v for k, v in runs.items()}, indent=2))
 

@@ -65,7 +65,9 @@ def test_budgeted_rollout_equals_unlimited_greedy(stories, prompt_ids, keep_cach
 
 
 def test_chunks_tile_outputs_and_record_policy_version(stories, prompt_ids):
-    rollout = ChunkedRollout(LLMEngine(stories, max_batch=4), 2, budget=5, max_tokens=20, temperature=1.0, seed=3)
+    rollout = ChunkedRollout(
+        LLMEngine(stories, max_batch=4), 2, budget=5, max_tokens=20, temperature=1.0, seed=3
+    )
     for p in prompt_ids[:2]:
         rollout.add_prompt(p)
     groups, stage = [], 0

@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("scipy", reason="scaling fits need scipy (pip install 'edgelm[data]')")
 
-from edgelm.cli import main  # noqa: E402
-from edgelm.scaling.fit import fit_loss_law, fit_runs, fit_sigmoid, loss_law, read_runs, sigmoid_score  # noqa: E402
+from edgelm.cli import main
+from edgelm.scaling.fit import fit_loss_law, fit_runs, fit_sigmoid, loss_law, read_runs, sigmoid_score
 
 TRUE_LAW = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}  # Chinchilla's fit
 TRUE_SIGMOID = {"lo": 0.25, "hi": 0.85, "k": 6.0, "L0": 2.6}  # chance 25%, saturating at 85%
@@ -64,7 +64,9 @@ def test_heldout_predictions_with_intervals(tmp_path):
 def test_cli_writes_json_and_png(tmp_path):
     table = write_table(tmp_path / "runs.csv")
     out, png = tmp_path / "fit.json", tmp_path / "fit.png"
-    assert main(["scaling", "fit", str(table), "--bootstrap", "10", "--out", str(out), "--plot", str(png)]) == 0
+    assert (
+        main(["scaling", "fit", str(table), "--bootstrap", "10", "--out", str(out), "--plot", str(png)]) == 0
+    )
     assert json.loads(out.read_text())["law"]["alpha"] == pytest.approx(TRUE_LAW["alpha"], rel=0.1)
     assert png.read_bytes()[:4] == b"\x89PNG"
 

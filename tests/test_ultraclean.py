@@ -12,16 +12,31 @@ import pytest
 
 pytest.importorskip("fasttext", reason="UltraClean needs fastText (pip install 'edgelm[data]')")
 
-from edgelm.cli import main  # noqa: E402
-from edgelm.data import Classifier, filter_shards, iterate, normalize, train_filter  # noqa: E402
-from edgelm.data.report import write_report  # noqa: E402
+from edgelm.cli import main
+from edgelm.data import Classifier, filter_shards, iterate, normalize, train_filter
+from edgelm.data.report import write_report
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "python-library-docs.txt"
 BOILERPLATE = [
-    "Click here to subscribe", "Accept all cookies", "All rights reserved", "Home | About | Contact",
-    "Sign up for our newsletter", "Log in", "Privacy Policy", "Terms of Service", "Share on Facebook",
-    "Buy now and save", "Free shipping on orders over $50", "Read more", "Next page", "Advertisement",
-    "Follow us on Twitter", "Copyright", "You may also like", "Limited time offer", "Skip to content",
+    "Click here to subscribe",
+    "Accept all cookies",
+    "All rights reserved",
+    "Home | About | Contact",
+    "Sign up for our newsletter",
+    "Log in",
+    "Privacy Policy",
+    "Terms of Service",
+    "Share on Facebook",
+    "Buy now and save",
+    "Free shipping on orders over $50",
+    "Read more",
+    "Next page",
+    "Advertisement",
+    "Follow us on Twitter",
+    "Copyright",
+    "You may also like",
+    "Limited time offer",
+    "Skip to content",
 ]
 
 
@@ -45,7 +60,9 @@ def junk(doc: str, rng: random.Random) -> str:
         return " ".join(words)
     if kind == 1:
         return " ".join("".join(rng.sample(w, len(w))) + rng.choice(["", "#", "&", "zx"]) for w in words)
-    return " ".join(f"{rng.choice(BOILERPLATE)} {rng.randrange(2000, 2030)}" for _ in range(len(words) // 4 + 1))
+    return " ".join(
+        f"{rng.choice(BOILERPLATE)} {rng.randrange(2000, 2030)}" for _ in range(len(words) // 4 + 1)
+    )
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -127,14 +144,18 @@ def test_ray_keeps_exactly_the_local_documents(corpus, ray_cluster):
     root, files, _, _ = corpus
     shards = [files["shard0"], files["shard1"]]
     local = filter_shards(files["clf"], shards, root / "local.jsonl", progress=False)
-    remote = filter_shards(files["clf"], shards, root / "ray.jsonl", engine="ray", workers=2, batch_size=100, progress=False)
+    remote = filter_shards(
+        files["clf"], shards, root / "ray.jsonl", engine="ray", workers=2, batch_size=100, progress=False
+    )
     assert read(root / "ray.jsonl") == read(root / "local.jsonl")
     assert (remote.num_kept, remote.num_dropped) == (local.num_kept, local.num_dropped)
 
 
 def test_iterate_relabels_and_trains_next_round(corpus):
     root, files, _, _ = corpus
-    pos, neg = iterate(files["clf"], [files["shard0"]], root / "round2.jsonl", next_classifier=root / "clf2.bin")
+    pos, neg = iterate(
+        files["clf"], [files["shard0"]], root / "round2.jsonl", next_classifier=root / "clf2.bin"
+    )
     labels = [r["label"] for r in read(root / "round2.jsonl")]
     assert (pos, neg) == (sum(labels), len(labels) - sum(labels)) and pos > 0 and neg > 0
     assert Classifier(root / "clf2.bin").score(["a"])[0] >= 0
@@ -143,7 +164,10 @@ def test_iterate_relabels_and_trains_next_round(corpus):
 def test_cli_filter_writes_report(corpus):
     root, files, _, _ = corpus
     out = root / "cli.jsonl"
-    assert main(["data", "filter", str(files["shard0"]), "--classifier", str(files["clf"]), "--out", str(out)]) == 0
+    assert (
+        main(["data", "filter", str(files["shard0"]), "--classifier", str(files["clf"]), "--out", str(out)])
+        == 0
+    )
     assert (root / "cli.jsonl.report.png").exists() and read(out)
 
 
@@ -163,5 +187,19 @@ def test_bad_inputs(corpus, tmp_path):
             filter_shards(files["clf"], [files["shard0"]], tmp_path / "o.jsonl", threshold, progress=False)
     with pytest.raises(ValueError, match="no string field"):
         filter_shards(files["clf"], [files["pos"]], tmp_path / "o.jsonl", text_field="body", progress=False)
-    assert main(["data", "filter", str(files["shard0"]), "--classifier", str(files["clf"]),
-                 "--out", str(tmp_path / "o.jsonl"), "--threshold", "2"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "filter",
+                str(files["shard0"]),
+                "--classifier",
+                str(files["clf"]),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+                "--threshold",
+                "2",
+            ]
+        )
+        == 2
+    )

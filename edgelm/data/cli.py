@@ -26,7 +26,9 @@ def add_data_parser(sub) -> None:
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="the JSONL/Parquet field holding the text")
-    p.add_argument("--tokenizer", default=None, help="split words with this model tokenizer (.bin or HF folder)")
+    p.add_argument(
+        "--tokenizer", default=None, help="split words with this model tokenizer (.bin or HF folder)"
+    )
 
 
 def add_scoring(p: argparse.ArgumentParser) -> None:
@@ -48,15 +50,31 @@ def cmd_data(args) -> None:
         print(ultraclean.train_filter(args.out, args.pos, args.neg, args.labelled, **kw))
     elif args.data_command == "filter":
         report = ultraclean.filter_shards(
-            args.classifier, args.inputs, args.out, args.threshold, engine=args.engine, workers=args.workers,
-            batch_size=args.batch_size, text_field=args.text_field, tokenizer_path=args.tokenizer,
+            args.classifier,
+            args.inputs,
+            args.out,
+            args.threshold,
+            engine=args.engine,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            text_field=args.text_field,
+            tokenizer_path=args.tokenizer,
         )
         paths = write_report(report, args.report or args.out + ".report")
-        print(f"kept {report.num_kept}, dropped {report.num_dropped}, {report.docs_per_s:.0f} docs/s; "
-              f"report {paths[0]} {paths[1]}", file=sys.stderr)
+        print(
+            f"kept {report.num_kept}, dropped {report.num_dropped}, {report.docs_per_s:.0f} docs/s; "
+            f"report {paths[0]} {paths[1]}",
+            file=sys.stderr,
+        )
     else:
         pos, neg = ultraclean.iterate(
-            args.classifier, args.inputs, args.out, args.threshold, next_classifier=args.next_classifier,
-            text_field=args.text_field, tokenizer_path=args.tokenizer, workers=args.workers,
+            args.classifier,
+            args.inputs,
+            args.out,
+            args.threshold,
+            next_classifier=args.next_classifier,
+            text_field=args.text_field,
+            tokenizer_path=args.tokenizer,
+            workers=args.workers,
         )
         print(f"labelled {pos} positive, {neg} negative -> {args.out}", file=sys.stderr)

@@ -61,11 +61,13 @@ def check_threshold(threshold: float) -> None:
 
 def parse_label(value, where: str) -> int:
     """A record's label -> 1 (high quality) or 0; ValueError for a missing or unknown label."""
-    table = {1: 1, 0: 0, True: 1, False: 0, "1": 1, "0": 0, "hq": 1, "lq": 0, "pos": 1, "neg": 0}
+    table = {1: 1, 0: 0, "1": 1, "0": 0, "hq": 1, "lq": 0, "pos": 1, "neg": 0}  # True == 1, False == 0
     try:
         return table[value.lower() if isinstance(value, str) else value]
     except (KeyError, TypeError):
-        raise ValueError(f"{where}: unlabelled or unknown label {value!r}; use 1/0, hq/lq or pos/neg") from None
+        raise ValueError(
+            f"{where}: unlabelled or unknown label {value!r}; use 1/0, hq/lq or pos/neg"
+        ) from None
 
 
 def labelled_examples(pos, neg, labelled, text_field: str = "text") -> list[tuple[int, str]]:
@@ -193,7 +195,9 @@ def _ray_read(paths: list[Path]):
     import ray.data
 
     if len({p.suffix for p in paths}) > 1:
-        raise ValueError("--engine ray reads one file type per run; got " + ", ".join(sorted({p.suffix for p in paths})))
+        raise ValueError(
+            "--engine ray reads one file type per run; got " + ", ".join(sorted({p.suffix for p in paths}))
+        )
     files, suffix = [str(p) for p in paths], paths[0].suffix
     # Reads ask for no CPU: the scorer actors hold one each, and on a cluster with exactly
     # `workers` CPUs a read waiting for a free CPU would never run (a deadlock).
@@ -313,5 +317,7 @@ def iterate(
             num_pos, num = num_pos + label, num + 1
             write_jsonl([{text_field: record[text_field], "label": label, SCORE: score}], f)
     if next_classifier is not None:
-        train_filter(next_classifier, labelled=[out], text_field=text_field, tokenizer=load_tokenizer(tokenizer_path))
+        train_filter(
+            next_classifier, labelled=[out], text_field=text_field, tokenizer=load_tokenizer(tokenizer_path)
+        )
     return num_pos, num - num_pos

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 STORY_PROMPTS = ["Once upon a time", "One day", "Lily and Tom", "The little dog", "There was a big tree"]
 
@@ -15,9 +16,13 @@ def add_rl_parser(sub) -> None:
     tr = verbs.add_parser("train", help="GRPO on chunk-wise rollouts with a verifiable reward")
     for p in (ro, tr):
         add_model_args(p)
-        p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: story openers)")
+        p.add_argument(
+            "--prompt", action="append", default=None, help="prompt (repeatable; default: story openers)"
+        )
         p.add_argument("--num-samples", "-G", type=int, default=4, help="samples per prompt (G)")
-        p.add_argument("--budget", type=int, default=None, help="new tokens per trajectory per stage (default: none)")
+        p.add_argument(
+            "--budget", type=int, default=None, help="new tokens per trajectory per stage (default: none)"
+        )
         p.add_argument("--max-tokens", type=int, default=64)
         p.add_argument("--max-batch", type=int, default=16, help="rollout batch: trajectories per stage")
         p.add_argument("--temperature", type=float, default=1.0)
@@ -45,7 +50,12 @@ def make_rollout(args):
     torch.manual_seed(args.seed)
     model = load_from_args(args)
     engine = LLMEngine(model, max_batch=args.max_batch)
-    kw = {"budget": args.budget, "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    kw = {
+        "budget": args.budget,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+    }
     rollout = ChunkedRollout(engine, args.num_samples, **kw)
     prompts = [model.tokenizer.encode(p) for p in (args.prompt or STORY_PROMPTS)]
     return model, rollout, prompts
@@ -56,20 +66,34 @@ def cmd_rl(args) -> None:
     (cmd_rollout if args.rl_command == "rollout" else cmd_train)(args, model, rollout, prompts)
 
 
+def record(g, t) -> dict:
+    chunks = [[c.start, c.end, c.version] for c in t.chunks]  # output tokens [start, end), policy version
+    return {
+        "group": g.group_id,
+        "sample": t.index,
+        "text": t.text,
+        "finish_reason": t.finish_reason,
+        "output_ids": t.output_ids,
+        "logprobs": t.logprobs,
+        "chunks": chunks,
+    }
+
+
 def cmd_rollout(args, model, rollout, prompts) -> None:
     for p in prompts:
         rollout.add_prompt(p)
     groups = rollout.run()
     s = rollout.stats
-    out = open(args.out, "w") if args.out else sys.stdout
-    for g in groups:
-        for t in g.samples:
-            chunks = [[c.start, c.end, c.version] for c in t.chunks]
-            rec = {"group": g.group_id, "sample": t.index, "text": t.text, "finish_reason": t.finish_reason,
-                   "output_ids": t.output_ids, "logprobs": t.logprobs, "chunks": chunks}
-            out.write(json.dumps(rec) + "\n")
-    print(f"{s.num_tokens} tokens in {s.num_stages} stages, {s.num_steps} steps, {s.tokens_per_s:.0f} tok/s, "
-          f"occupancy {s.occupancy:.2f}", file=sys.stderr)
+    lines = [json.dumps(record(g, t)) + "\n" for g in groups for t in g.samples]
+    if args.out:
+        Path(args.out).write_text("".join(lines))
+    else:
+        sys.stdout.writelines(lines)
+    print(
+        f"{s.num_tokens} tokens in {s.num_stages} stages, {s.num_steps} steps, {s.tokens_per_s:.0f} tok/s, "
+        f"occupancy {s.occupancy:.2f}",
+        file=sys.stderr,
+    )
 
 
 def cmd_train(args, model, rollout, prompts) -> None:
@@ -78,8 +102,11 @@ def cmd_train(args, model, rollout, prompts) -> None:
     trainer = GRPOTrainer(model, make_reward(args.reward), args.lr, args.clip, args.beta)
 
     def show(log) -> None:
-        print(f"step {log.step}: {log.num_groups} groups, reward {log.mean_reward:.3f}, loss {log.loss:.4f}, "
-              f"policy v{log.policy_version}", file=sys.stderr)
+        print(
+            f"step {log.step}: {log.num_groups} groups, reward {log.mean_reward:.3f}, loss {log.loss:.4f}, "
+            f"policy v{log.policy_version}",
+            file=sys.stderr,
+        )
 
     if args.steps <= 0:
         raise ValueError(f"--steps must be positive, got {args.steps}")

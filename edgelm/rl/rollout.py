@@ -117,9 +117,13 @@ class ChunkedRollout:
 
     def add_prompt(self, prompt_ids: list[int], max_tokens: int | list[int] | None = None) -> int:
         """Queue G samples of a prompt (token ids); `max_tokens` may differ per sample. Returns the group id."""
-        limits = max_tokens if isinstance(max_tokens, list) else [max_tokens or self.max_tokens] * self.num_samples
+        limits = (
+            max_tokens if isinstance(max_tokens, list) else [max_tokens or self.max_tokens] * self.num_samples
+        )
         if len(limits) != self.num_samples or min(limits) <= 0:
-            raise ValueError(f"max_tokens must be positive, one per sample ({self.num_samples}), got {limits}")
+            raise ValueError(
+                f"max_tokens must be positive, one per sample ({self.num_samples}), got {limits}"
+            )
         self.engine.check_request(prompt_ids, SamplingParams(max_tokens=1))
         room = self.engine.model.context_length - len(prompt_ids)  # a resumed request must fit too
         gid, self._next_group = self._next_group, self._next_group + 1

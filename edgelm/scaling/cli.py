@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 
 def add_scaling_parser(sub) -> None:
@@ -24,7 +25,7 @@ def cmd_scaling(args) -> None:
     result = fit_runs(runs, args.bootstrap, args.seed)
     text = json.dumps(result, indent=2)
     if args.out:
-        open(args.out, "w").write(text)
+        Path(args.out).write_text(text)
     else:
         print(text)
     if args.plot:

@@ -43,7 +43,13 @@ def _lse_residual(theta, logN, logD, logL):
 
 def _theta_to_law(theta) -> dict:
     a, alpha, b, beta, e = theta
-    return {"E": float(np.exp(e)), "A": float(np.exp(a)), "alpha": float(alpha), "B": float(np.exp(b)), "beta": float(beta)}
+    return {
+        "E": float(np.exp(e)),
+        "A": float(np.exp(a)),
+        "alpha": float(alpha),
+        "B": float(np.exp(b)),
+        "beta": float(beta),
+    }
 
 
 def _law_to_theta(p: dict) -> np.ndarray:
@@ -56,9 +62,11 @@ def fit_loss_law(N, D, L, start: dict | None = None) -> dict:
     check_runs(N, D, L)
     least_squares = _least_squares()
     args = (np.log(N), np.log(D), np.log(L))
-    grid = [_law_to_theta(start)] if start else [
-        np.array(t) for t in itertools.product([0, 6, 12], [0.3], [0, 6, 12], [0.3], [-1, 0.5])
-    ]
+    grid = (
+        [_law_to_theta(start)]
+        if start
+        else [np.array(t) for t in itertools.product([0, 6, 12], [0.3], [0, 6, 12], [0.3], [-1, 0.5])]
+    )
     bounds = ([-np.inf, 0, -np.inf, 0, -np.inf], [np.inf, 3, np.inf, 3, np.inf])
     fits = [least_squares(_lse_residual, t0, args=args, bounds=bounds, method="trf") for t0 in grid]
     return _theta_to_law(min(fits, key=lambda f: f.cost).x)
@@ -167,8 +175,13 @@ def fit_runs(runs: list[Run], num_bootstrap: int = 200, seed: int = 0) -> dict:
 
 def predict(run: Run, law, law_boot, sig, sig_boot) -> Prediction:
     losses = np.array([loss_law(run.params, run.tokens, **p) for p in law_boot])
-    p = Prediction(run.params, run.tokens, float(loss_law(run.params, run.tokens, **law)),
-                   *map(float, np.percentile(losses, [5, 95])), run.loss)
+    p = Prediction(
+        run.params,
+        run.tokens,
+        float(loss_law(run.params, run.tokens, **law)),
+        *map(float, np.percentile(losses, [5, 95])),
+        run.loss,
+    )
     if sig is not None:  # the score at the predicted loss; its interval carries both fits' spread
         scores = np.array([sigmoid_score(lo, **s) for lo, s in zip(losses, sig_boot)])
         p.score = float(sigmoid_score(p.loss, **sig))
@@ -181,7 +194,9 @@ def plot_fit(runs: list[Run], result: dict, path: str | Path) -> None:
     from edgelm.profiler.plots import _plt
 
     plt = _plt()
-    fig, axes = plt.subplots(1, 2 if result["sigmoid"] else 1, figsize=(11 if result["sigmoid"] else 6, 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if result["sigmoid"] else 1, figsize=(11 if result["sigmoid"] else 6, 4), squeeze=False
+    )
     _plot_law(axes[0][0], runs, result)
     if result["sigmoid"]:
         _plot_sigmoid(axes[0][1], runs, result)
@@ -202,7 +217,12 @@ def _plot_law(ax, runs, result) -> None:
         ax.errorbar(p["params"], p["loss"], yerr=err, fmt="s", color="black", capsize=3)
         if p["actual_loss"] is not None:
             ax.scatter(p["params"], p["actual_loss"], marker="x", color="red", s=40, zorder=5)
-    ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title="L(N, D) fit; held-out: ■ predicted, × actual")
+    ax.set(
+        xscale="log",
+        xlabel="parameters N",
+        ylabel="loss",
+        title="L(N, D) fit; held-out: ■ predicted, × actual",
+    )
     ax.legend(fontsize=7)
 
 
