@@ -137,25 +137,25 @@ def dense_cache_bytes(cfg: dict, context: int, dtype: torch.dtype) -> int:
     return sum(c.nbytes for c in caches)
 
 
-def speed_rows(variant: str, args) -> list[str]:
+def speed_rows(variant: str, args):
+    """Yield table rows as they are measured (a slow, shared machine still gets partial results):
+    cache memory first (cheap), then decode, then prefill from the shortest prompt up."""
     cfg = hybrid_config(variant)
     ref, model = build_pair(cfg)
+    if variant == "dense":
+        yield from memory_rows(cfg, model, args.memory)
     g = torch.Generator().manual_seed(0)
     warm = torch.randint(0, cfg["vocab_size"], (1, 64), generator=g)
     prefill_edgelm(model, warm), prefill_hf(ref, warm)  # first calls pay one-off allocations
-    rows = []
+    ids = torch.randint(0, cfg["vocab_size"], (1, 512), generator=g)
+    e = statistics.median(decode_edgelm(model, ids, args.decode_tokens) for _ in range(args.repeat))
+    h = statistics.median(decode_hf(ref, ids, args.decode_tokens) for _ in range(args.repeat))
+    yield row(variant, "decode after 512 (ms/token)", e, h, higher=False)
     for n in args.lengths:
         ids = torch.randint(0, cfg["vocab_size"], (1, n), generator=g)
         e = min(prefill_edgelm(model, ids) for _ in range(args.repeat))
         h = min(prefill_hf(ref, ids) for _ in range(args.repeat)) if n <= args.hf_max else None
-        rows.append(row(variant, f"prefill {n} (tok/s)", n / e, n / h if h else None, higher=True))
-    ids = torch.randint(0, cfg["vocab_size"], (1, 512), generator=g)
-    e = statistics.median(decode_edgelm(model, ids, args.decode_tokens) for _ in range(args.repeat))
-    h = statistics.median(decode_hf(ref, ids, args.decode_tokens) for _ in range(args.repeat))
-    rows.append(row(variant, "decode after 512 (ms/token)", e, h, higher=False))
-    if variant == "dense":
-        rows += memory_rows(cfg, model, args.memory)
-    return rows
+        yield row(variant, f"prefill {n} (tok/s)", n / e, n / h if h else None, higher=True)
 
 
 def row(variant: str, what: str, ours: float, theirs: float | None, higher: bool) -> str:

@@ -107,41 +107,34 @@ def timed(steps) -> tuple[list[int], float]:
 
 
 def run(model, ids_by_prompt, cases: dict, args) -> list[dict]:
+    """Per prompt, `args.repeat` rounds of plain greedy then every proposer (alternating, so load
+    changes on a shared machine hit all alike); tok/s are medians, the speed-up is the ratio of
+    medians. Greedy runs are deterministic, so the counts come from the last round."""
     rows = []
     for prompt, ids in ids_by_prompt.items():
-        ref, base = timed(generate_step(model, ids, max_tokens=args.max_tokens))
-        rows.append(
-            {
-                "prompt": prompt,
-                "proposer": "plain greedy",
-                "fr": "-",
-                "tok_s": base,
-                "speedup": 1.0,
-                "mal": 1.0,
-                "acc": None,
-                "same": True,
-            }
-        )
-        for name, (fr, make) in cases.items():
-            stats = SpeculativeStats()
-            steps = speculative_generate_step(
-                model, ids, make(), num_draft=args.num_draft, max_tokens=args.max_tokens, stats=stats,
-                verify_cost=args.verify_cost,
-            )
-            out, tps = timed(steps)
-            rows.append(
-                {
-                    "prompt": prompt,
-                    "proposer": name,
-                    "fr": fr or "-",
-                    "tok_s": tps,
-                    "speedup": tps / base,
-                    "mal": stats.mean_accepted_length,
-                    "acc": stats.acceptance_rate,
-                    "same": out == ref,
-                }
-            )
-            print(f"  {prompt:5} {name:32} {tps:6.2f} tok/s  x{tps / base:.2f}", flush=True)
+        speeds = {name: [] for name in ["plain greedy", *cases]}
+        results = {}
+        for _ in range(args.repeat):
+            ref, base = timed(generate_step(model, ids, max_tokens=args.max_tokens))
+            speeds["plain greedy"].append(base)
+            for name, (fr, make) in cases.items():
+                stats = SpeculativeStats()
+                steps = speculative_generate_step(
+                    model, ids, make(), num_draft=args.num_draft, max_tokens=args.max_tokens, stats=stats,
+                    verify_cost=args.verify_cost,
+                )
+                out, tps = timed(steps)
+                speeds[name].append(tps)
+                results[name] = (fr, stats, out == ref)
+                print(f"  {prompt:5} {name:32} {tps:6.2f} tok/s  x{tps / base:.2f}", flush=True)
+        base = statistics.median(speeds["plain greedy"])
+        rows.append({"prompt": prompt, "proposer": "plain greedy", "fr": "-", "tok_s": base,
+                     "speedup": 1.0, "mal": 1.0, "acc": None, "same": True})
+        for name, (fr, stats, same) in results.items():
+            tps = statistics.median(speeds[name])
+            rows.append({"prompt": prompt, "proposer": name, "fr": fr or "-", "tok_s": tps,
+                         "speedup": tps / base, "mal": stats.mean_accepted_length,
+                         "acc": stats.acceptance_rate, "same": same})
     return rows
 
 
@@ -177,6 +170,9 @@ def main() -> None:
     p.add_argument("--cost", action="store_true",
                    help="first measure verify cost vs a one-token step and tune the adaptive draft length to it")
     p.add_argument("--verify-cost", type=float, default=0.05, help="extra cost per draft token (without --cost)")
+    p.add_argument("--repeat", type=int, default=1, help="alternating rounds; medians")
+    p.add_argument("--prompts", default="chat,code", help="comma list: chat,code")
+    p.add_argument("--proposers", default=None, help="only proposers whose name contains one of these (comma list)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     set_threads(args.threads)
@@ -194,7 +190,10 @@ def main() -> None:
         args.verify_cost = max(0.0, (ms[5] / ms[1] - 1) / 4)  # extra cost per draft token, measured
         print(f"adaptive draft length uses verify cost {args.verify_cost:.3f} per draft token", flush=True)
     cases = proposers(model, ids_fr, args.layers, quant, quant_name)
-    rows = run(model, prompts(model.tokenizer), cases, args)
+    if args.proposers:
+        cases = {k: v for k, v in cases.items() if any(w in k for w in args.proposers.split(","))}
+    chosen = {k: v for k, v in prompts(model.tokenizer).items() if k in args.prompts.split(",")}
+    rows = run(model, chosen, cases, args)
     print(
         f"\nSmolLM2-135M {args.target} target, {args.max_tokens} tokens, {args.threads} threads, "
         f"k <= {args.num_draft} (adaptive), FR-Spec V = {args.frspec_size} of {model.tokenizer.vocab_size}, "
