@@ -340,6 +340,23 @@ def test_inspect_and_bench_memory_report():
         cache_memory(model, 4096, 1)
 
 
+def test_cli_bench_memory_from_a_config_alone(tmp_path, capsys):
+    """`edgelm bench --model config.json --context N --batch B --repeat 0`: random weights of the
+    architecture, the caches' real bytes against the dense configuration of the same width."""
+    from edgelm.cli import main
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(dict(HYBRID, model_type="granitemoehybrid")))
+    argv = ["bench", "--model", str(cfg), "--context", "256", "--batch", "2", "--repeat", "0", "--json"]
+    assert main(argv + ["--threads", "1"]) == 0
+    memory = json.loads(capsys.readouterr().out)["cache_memory"]
+    per_token = 2 * 2 * 16 * 4  # one attention layer, 2 KV heads of 16, fp32
+    assert memory["kv_cache_bytes"] == 2 * 256 * per_token
+    assert memory["dense_equivalent_cache_bytes"] == 4 * memory["kv_cache_bytes"]
+    assert memory["state_cache_bytes"] == 2 * 3 * (8 * 16 * 16 * 4 + (128 + 64) * 3 * 4)
+    assert main(["bench", "--model", str(cfg), "--repeat", "0"]) == 2  # nothing to measure
+
+
 # --- loading: Hugging Face folder and GGUF ----------------------------------------------------
 
 
