@@ -28,7 +28,7 @@ def add_rl_parser(sub) -> None:
         p.add_argument("--temperature", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0)
     ro.add_argument("--out", default=None, help="write trajectories as JSONL here")
-    tr.add_argument("--reward", default="word:ball", help="word:WORD (contains it) or length:TOKENS")
+    tr.add_argument("--reward", default="word:Lily", help="word:WORD (contains it) or length:TOKENS")
     tr.add_argument("--steps", type=int, default=20)
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--beta", type=float, default=0.04, help="KL-to-reference weight")

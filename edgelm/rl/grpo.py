@@ -96,7 +96,8 @@ class GRPOTrainer:
         self.model, self.reward, self.clip_eps, self.beta = model, reward, clip_eps, beta
         self.ref = copy.deepcopy(model).requires_grad_(False)
         model.requires_grad_(True)
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        # no weight decay: it would pull the policy away from the reference the KL term anchors it to
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
     def rewards(self, groups: list[Group]) -> torch.Tensor:
         return torch.tensor([[self.reward(t.text, len(t.output_ids)) for t in g.samples] for g in groups])
