@@ -111,10 +111,11 @@ def test_grpo_steps_update_policy_and_versions(prompt_ids):
     model = load(SHARED / "stories260K" / "stories260K.bin", dtype=torch.float32)  # trained in place
     before = [p.detach().clone() for p in model.parameters()]
     rollout = ChunkedRollout(LLMEngine(model, max_batch=8), 4, budget=8, max_tokens=24, temperature=1.0)
-    trainer = GRPOTrainer(model, make_reward("length:12"), lr=1e-2)
+    trainer = GRPOTrainer(model, make_reward("word:Lily"), lr=1e-2)  # some samples name Lily, some not
     logs = train_grpo(model, rollout, prompt_ids, trainer, steps=4)
     assert sum(log.num_groups for log in logs) > 0 and logs[-1].policy_version > 0
     assert all(log.loss == log.loss for log in logs if log.num_groups)  # finite, not NaN
+    # no weight decay and KL = 0 at the start: parameters move only if rewards differed in a group
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     versions = {c.version for g in rollout.active.values() for t in g.samples for c in t.chunks}
     assert max(versions, default=0) > 0  # later stages ran under updated policies
