@@ -13,8 +13,9 @@ import pytest
 pytest.importorskip("fasttext", reason="UltraClean needs fastText (pip install 'edgelm[data]')")
 
 from edgelm.cli import main
-from edgelm.data import Classifier, filter_shards, iterate, normalize, train_filter
+from edgelm.data import Classifier, filter_shards, iterate, normalize, to_words, train_filter
 from edgelm.data.report import write_report
+from edgelm.data.ultraclean import load_tokenizer
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "python-library-docs.txt"
 BOILERPLATE = [
@@ -97,6 +98,12 @@ def test_normalize_rules():
     text = "  Café   NAÏVE\tnaïve  \n\n\n\nÉcole  d'été \n  \n Second"
     assert normalize(text) == "cafe naive naive\necole d'ete\nsecond"
     assert normalize("Ünïcödé", lowercase=False) == "Unicode"
+
+
+def test_words_from_the_model_tokenizer():
+    tok = load_tokenizer(TEXT.parents[1] / "models" / "stories260K" / "tok512.bin")
+    words = to_words("Once upon a TIME,  Café", tok)  # normalised first, then split into pieces
+    assert words == "\u2581on ce \u2581upon \u2581a \u2581time , \u2581c a f e"
 
 
 def test_classifier_ranks_heldout_documents(corpus):
