@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = ROOT.parent / "shared/data/python-library-docs.txt"
 EVAL_CHARS = 1_000_000
-ROWS = ("fp32", "int8", "int4", "int4-g32", "gptq", "p-gptq", "ternary-ptq", "qat")
+ROWS = ("fp32", "int8", "int4", "int4-head8", "int4-g32", "gptq", "p-gptq", "ternary-ptq", "qat")
 
 
 def eval_ids(tokenizer, ctx: int, windows: int) -> list[int]:
@@ -72,6 +72,11 @@ def build(row: str, args):
         method, group = ("int8", 32) if row == "int8" else ("int4", 32 if row == "int4-g32" else args.group_size)
         quantize_model(model, method, group, predicate=lambda p, m: is_default_target(p, m) and can_quantize(m, method, group))
         return model, {"group_size": group}
+    if row == "int4-head8":  # int4 decoder layers, int8 LM head / tied embedding: where the error is
+        layers = lambda p, m: ".layers." in f".{p}" and can_quantize(m, "int4", args.group_size)  # noqa: E731
+        quantize_model(model, "int4", args.group_size, predicate=layers)
+        quantize_model(model, "int8", predicate=lambda p, m: p == "lm_head")
+        return model, {"group_size": args.group_size}
     if row in ("gptq", "p-gptq"):
         from edgelm.quant.gptq import calibration_tokens, gptq_quantize
 
@@ -91,13 +96,15 @@ def build(row: str, args):
     if row == "qat":
         model = load(args.qat_dir, dtype=torch.float32, fuse=False)
         info = json.loads((Path(args.qat_dir) / "qat.json").read_text())
-        return model, {"group_size": 32, **{k: info[k] for k in ("steps", "tokens", "distill", "train_s")}}
+        return model, {"group_size": 32, "train_tokens": info["tokens"],
+                       **{k: info[k] for k in ("steps", "distill", "train_s")}}
     assert row == "fp32", row
     return model, {}
 
 
 def from_latent(model, path: str):
-    """Ternary model from `edgelm qat --ckpt-every` latent weights (latent-stepN.safetensors)."""
+    """Ternary model from `edgelm qat --ckpt-every` latent weights (latent/stepN.safetensors), with
+    the run's batch size and sequence length in qat-args.json beside it."""
     from safetensors.torch import load_file
 
     from edgelm.quant.qat import finish_qat, prepare_qat
@@ -108,7 +115,7 @@ def from_latent(model, path: str):
     finish_qat(model)
     steps = int(Path(path).stem.split("step")[-1])
     info = json.loads((Path(path).parent / "qat-args.json").read_text())
-    return model, {"group_size": 32, "steps": steps, "tokens": steps * info["batch_size"] * info["seq_len"]}
+    return model, {"group_size": 32, "steps": steps, "train_tokens": steps * info["batch_size"] * info["seq_len"]}
 
 
 def measure(row: str, args) -> dict:
@@ -122,7 +129,7 @@ def measure(row: str, args) -> dict:
 
 
 LABELS = {"fp32": "fp32 (dequantized Q4_1)", "int8": "int8 RTN (per channel)", "int4": "int4 RTN",
-          "int4-g32": "int4 RTN g32", "gptq": "int4 GPTQ", "p-gptq": "int4 P-GPTQ",
+          "int4-g32": "int4 RTN g32", "int4-head8": "int4 RTN, int8 LM head", "gptq": "int4 GPTQ", "p-gptq": "int4 P-GPTQ",
           "ternary-ptq": "ternary post-training", "qat": "ternary QAT"}
 
 
@@ -134,14 +141,35 @@ def table(rows_dir: Path) -> str:
         if name not in rows:
             continue
         r = rows[name]
-        delta = f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%" if base else "n/a"
-        notes = ", ".join(f"{k}={r[k]}" for k in ("group_size", "calib", "prefix_skip", "steps", "tokens") if k in r)
-        lines.append(f"| {LABELS[name]} | {r['ppl']:.3f} | {delta} | {r['size_bytes'] / 1e6:.1f} | "
+        delta = f"{100 * (r['ppl'] / base['ppl'] - 1):+.4g}%" if base else "n/a"
+        notes = ", ".join(f"{k}={r[k]}" for k in ("group_size", "calib", "prefix_skip", "steps", "train_tokens") if k in r)
+        lines.append(f"| {LABELS[name]} | {r['ppl']:.4g} | {delta} | {r['size_bytes'] / 1e6:.1f} | "
                      f"{r['decode_tok_s']:.1f} | {notes} |")
     any_row = next(iter(rows.values()))
     lines.append(f"\nPPL over {any_row['tokens']} tokens of the last 1 MB of python-library-docs.txt; "
                  f"{any_row['threads']} thread(s).")
     return "\n".join(lines)
+
+
+def plot_qat(qat_json: Path, out: Path) -> None:
+    """Cross-entropy and KL per step of an `edgelm qat` run (its qat.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    info = json.loads(qat_json.read_text())
+    steps = [h["step"] for h in info["history"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [h["ce"] for h in info["history"]], marker="o", ms=3, label="cross-entropy (train batch)")
+    ax.plot(steps, [h["kl"] for h in info["history"]], marker="o", ms=3, label="KL(teacher || student)")
+    ax.set_xlabel(f"step ({info['batch_size']} x {info['seq_len']} tokens, lr {info['lr']}, re-warm {info['warmup']})")
+    ax.set_ylabel("nats per token")
+    ax.set_title("ternary QAT of SmolLM2-135M from its fp weights")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -157,9 +185,12 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--prefix-skip", type=int, default=4)
     p.add_argument("--qat-dir", default="/tmp/h5/qat")
-    p.add_argument("--qat-latent", default=None, help="row qat from a latent-stepN.safetensors checkpoint")
+    p.add_argument("--qat-latent", default=None, help="row qat from a latent/stepN.safetensors checkpoint")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot-qat", default=None, help="write the QAT loss curve of --qat-dir to this PNG")
     args = p.parse_args()
+    if args.plot_qat:
+        plot_qat(Path(args.qat_dir) / "qat.json", Path(args.plot_qat))
     torch.set_num_threads(args.threads)
     rows_dir = Path(args.rows)
     rows_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ from 0 (linear warm-up, then cosine to lr/10), and the loss is next-token cross-
 with `distill`, KL(teacher ‖ student) against the frozen fp model's next-token distributions.
 Only the latent linear weights train; embeddings, norms and the LM head stay frozen (the LM head
 is quantized to int8 when the result is saved). Checkpoints of the latent weights (safetensors)
-are written every `ckpt_every` steps, so a run can be inspected or resumed by hand.
+are written to `out/latent/stepN.safetensors` every `ckpt_every` steps (a subfolder: `load(out)`
+reads every safetensors file beside config.json), so a run can be inspected or resumed by hand.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def train_qat(model, params, batches, cfg: QATConfig, teacher=None, out: Path | 
             bar.update(1)
             bar.set_postfix(ce=f"{ce:.3f}", kl=f"{kl:.3f}")
         if out is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
-            save_latent(model, out / f"latent-step{step + 1}.safetensors")
+            save_latent(model, out / "latent" / f"step{step + 1}.safetensors")  # not beside the model
     model.eval()
     return history
 
