@@ -71,7 +71,7 @@ def build(row: str, args):
     if row in ("int8", "int4", "int4-g32"):
         method, group = ("int8", 32) if row == "int8" else ("int4", 32 if row == "int4-g32" else args.group_size)
         quantize_model(model, method, group, predicate=lambda p, m: is_default_target(p, m) and can_quantize(m, method, group))
-        return model, {"group_size": group}
+        return model, ({} if method == "int8" else {"group_size": group})
     if row == "int4-head8":  # int4 decoder layers, int8 LM head / tied embedding: where the error is
         layers = lambda p, m: ".layers." in f".{p}" and can_quantize(m, "int4", args.group_size)  # noqa: E731
         quantize_model(model, "int4", args.group_size, predicate=layers)
