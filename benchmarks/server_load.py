@@ -58,7 +58,7 @@ async def one_request(
         "stream_options": {"include_usage": True},
     }
     t0 = last = time.perf_counter()
-    first, usage = True, None
+    first, usage, chunks = True, None, 0
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}")
@@ -72,8 +72,8 @@ async def one_request(
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 now = time.perf_counter()
                 (level.ttft if first else level.itl).append(now - (t0 if first else last))
-                first, last = False, now
-    level.tokens += usage["completion_tokens"] if usage else 0
+                first, last, chunks = False, now, chunks + 1
+    level.tokens += usage["completion_tokens"] if usage else chunks  # llama.cpp: one token per chunk
 
 
 async def client_loop(i: int, url: str, deadline: float, max_tokens: int, level: Level) -> None:
@@ -117,7 +117,8 @@ def server_command(args, port: int) -> list[str]:
     if args.server == "llama.cpp":
         threads = str(args.threads or 2)
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model), "--port", str(port),
-                "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096"]
+                "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096",
+                "--interrupt_requests", "False"]  # queue concurrent requests instead of cutting streams
     cmd = [
         sys.executable,
         "-m",

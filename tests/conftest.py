@@ -19,3 +19,14 @@ def smol_ref():
 
     gguf = Path(__file__).resolve().parents[2] / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
     return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small forwards are overhead-bound, and on a busy 2-core machine OpenMP's second thread makes
+    every small matmul wait for a free core (measured 10x slower); one thread is as exact. Modules
+    opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

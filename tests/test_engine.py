@@ -34,13 +34,7 @@ PROMPTS = [
 MAX_STEPS = 5000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # stories260K is tiny: intra-op threads only add synchronisation on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -170,14 +170,7 @@ CASES = CASES | CASES_LAYER_TYPES
 ALL_CASES = CASES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add synchronisation, which on a busy 2-core
-    machine made this file ~8x slower (60 s instead of 7 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_(model: torch.nn.Module) -> None:

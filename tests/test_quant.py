@@ -59,12 +59,7 @@ BF16_REL = 2.0**-8  # bf16 rounding of a scale or zero (2^-9), with a 2x margin
 N, K = 80, 256  # 80 rows: one full 64-row packing block and a 16-row tail
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,12 +22,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 PROMPTS = ["Once upon a time", "The cat sat on the", "One day, a little dog", "Tom had a red ball"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

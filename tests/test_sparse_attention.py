@@ -59,12 +59,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES_BIN = SHARED / "models" / "stories260K" / "stories260K.bin"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qkv(G: int, S: int, B: int = 2, Hkv: int = 2, D: int = 16, seed: int = 0):

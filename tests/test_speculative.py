@@ -52,14 +52,7 @@ def speculate(model, ids, proposer, n: int, **kwargs) -> tuple[list[int], Specul
     return out, stats
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small forwards are overhead-bound, and on a busy 2-core machine OpenMP's second thread makes
-    every small matmul wait for a free core (we measured 10x slower); one thread is as exact."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

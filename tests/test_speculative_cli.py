@@ -23,12 +23,7 @@ TEXT = str(SHARED / "data" / "python-library-docs.txt")
 PROMPT = "Tom had a red ball. Tom had a red ball. Tom had a red"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: a second thread only waits for a busy core
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

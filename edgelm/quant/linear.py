@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgelm.quant.primitives import (
+    PACK_ROWS,
     SCALE_DTYPE,
     check_int4_shape,
     check_int8_shape,
@@ -264,6 +265,9 @@ def fuse_quantized(linears: list[nn.Module]) -> Int4Linear | Int8Linear | None:
         )
     if any(m.group_size != first.group_size for m in linears):
         return None
-    packed = pack_int4_for_cpu(torch.cat([m.codes() for m in linears]))
+    if all(m.out_features % PACK_ROWS == 0 for m in linears):  # row blocks pack independently: join as is
+        packed = torch.cat([m.packed for m in linears])
+    else:
+        packed = pack_int4_for_cpu(torch.cat([m.codes() for m in linears]))
     sz = torch.cat([m.scales_and_zeros for m in linears], dim=1)  # (G, sum N, 2)
     return Int4Linear.from_packed(packed, sz, first.group_size, bias)
