@@ -30,3 +30,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    """stories260K (llama2.c checkpoint) in fp32, one per test module (tests may change its state)."""
+    from pathlib import Path
+
+    from edgelm.loader import load
+
+    return load(Path(__file__).resolve().parents[2] / "shared/models/stories260K/stories260K.bin", dtype=torch.float32)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgelm import load
 from edgelm.engine import LLMEngine, SamplingParams
 from edgelm.engine.runner import attention_shapes
 from edgelm.engine.scheduler import Scheduler
@@ -35,11 +34,6 @@ MAX_STEPS = 5000
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return load(SHARED / "stories260K" / "stories260K.bin", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

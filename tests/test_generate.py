@@ -17,11 +17,6 @@ STORIES_GOLDEN = (
 
 
 @pytest.fixture(scope="module")
-def stories():
-    return load(SHARED / "stories260K" / "stories260K.bin", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
 def smol():
     return load(SHARED / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 

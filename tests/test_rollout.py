@@ -26,11 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def stories():
-    return load(SHARED / "stories260K" / "stories260K.bin", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
 def prompt_ids(stories):
     return [stories.tokenizer.encode(p) for p in PROMPTS]
 

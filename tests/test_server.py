@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 from edgelm import load
 from edgelm.generate import generate
@@ -56,11 +55,6 @@ def client(url: str, key: str = "none") -> openai.OpenAI:
 def metrics(url: str) -> dict[str, float]:
     lines = httpx.get(f"{url}/metrics").text.splitlines()
     return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in lines if ln and not ln.startswith("#"))}
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return load(SHARED / "stories260K" / "stories260K.bin", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
