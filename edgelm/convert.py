@@ -35,7 +35,7 @@ HF_ARCHITECTURES = {
 
 
 def check_unfused(model: nn.Module) -> None:
-    fused = [p for p, m in model.named_modules() if p.endswith(("qkv_proj", "gate_up_proj")) and m is not None]
+    fused = [p for p, m in model.named_modules() if p.endswith(("qkv_proj", "gate_up_proj"))]
     if fused:
         raise ValueError(f"{fused[0]} is fused: load the model with fuse=False before saving it")
 

@@ -85,6 +85,15 @@ def materialize(t, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
+def retie_embeddings(model: torch.nn.Module) -> None:
+    """Share the dense embedding with a dense LM head again when the config ties them:
+    `load_state_dict(assign=True)` replaced the shared meta parameter. (Quantized heads are tied
+    through QuantizedEmbedding instead.)"""
+    lm_head, embed = getattr(model, "lm_head", None), model.get_input_embeddings()
+    if model.config.tie_word_embeddings and type(lm_head) is torch.nn.Linear and type(embed) is torch.nn.Embedding:
+        lm_head.weight = embed.weight
+
+
 def assign_weights(model: torch.nn.Module, weights: dict, dtype: torch.dtype) -> None:
     """Assign tensors to the parameters still on the meta device, by name; fail naming missing or
     unexpected ones. (Quantized modules swapped in before this already hold their tensors.)"""
@@ -107,9 +116,7 @@ def assign_weights(model: torch.nn.Module, weights: dict, dtype: torch.dtype) ->
             raise ValueError(f"tensor {name}: checkpoint shape {tuple(t.shape)}, config expects {tuple(p.shape)}")
         state[name] = t
     model.load_state_dict(state, strict=False, assign=True)
-    lm_head, embed = getattr(model, "lm_head", None), model.get_input_embeddings()
-    if tied and type(lm_head) is torch.nn.Linear and type(embed) is torch.nn.Embedding:
-        lm_head.weight = embed.weight  # assign=True replaced the shared meta parameter
+    retie_embeddings(model)
 
 
 def assign_quantized_state(model: torch.nn.Module, weights: dict, dtype: torch.dtype) -> None:
@@ -123,9 +130,7 @@ def assign_quantized_state(model: torch.nn.Module, weights: dict, dtype: torch.d
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in quantized:
         state.pop("lm_head.weight", None)
     result = model.load_state_dict(state, strict=False, assign=True)
-    lm_head, embed = getattr(model, "lm_head", None), model.get_input_embeddings()
-    if type(lm_head) is torch.nn.Linear and type(embed) is torch.nn.Embedding and model.config.tie_word_embeddings:
-        lm_head.weight = embed.weight
+    retie_embeddings(model)
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta or result.unexpected_keys:
         raise ValueError(
