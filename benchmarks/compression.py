@@ -83,9 +83,12 @@ def build(row: str, args):
         skip = args.prefix_skip if row == "p-gptq" else 0
         tokens = calibration_tokens(model.tokenizer, TEXT, args.samples, args.seq_len)
         t0 = time.perf_counter()
-        gptq_quantize(model, tokens, bits=4, group_size=args.group_size, prefix_skip=skip)
+        opts = dict(act_order=args.act_order, mse=args.mse, head_bits=args.head_bits, head_gptq=args.head_gptq,
+                    prefix_weight=args.prefix_weight if skip else 0.0, prefix_spike=args.prefix_spike if skip else None)
+        gptq_quantize(model, tokens, bits=4, group_size=args.group_size, prefix_skip=skip, **opts)
         return model, {"group_size": args.group_size, "calib": f"{args.samples}x{args.seq_len}",
-                       "prefix_skip": skip, "quantize_s": round(time.perf_counter() - t0)}
+                       "prefix_skip": skip, **{k: v for k, v in opts.items() if v},
+                       "quantize_s": round(time.perf_counter() - t0)}
     if row == "ternary-ptq":
         from edgelm.quant.ternary import ternarize_model
 
@@ -134,18 +137,19 @@ LABELS = {"fp32": "fp32 (dequantized Q4_1)", "int8": "int8 RTN (per channel)", "
 
 
 def table(rows_dir: Path) -> str:
-    rows = {r["row"]: r for r in (json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json")))}
-    base = rows.get("fp32")
+    found = [(p.stem, json.loads(p.read_text())) for p in sorted(rows_dir.glob("*.json"))]
+    found.sort(key=lambda f: (ROWS.index(f[1]["row"]), len(f[0]), f[0]))  # a row, then its --tag variants
+    base = next((r for stem, r in found if stem == "fp32"), None)
     lines = ["| model | PPL | Δ vs fp32 | size on disk (MB) | decode tok/s | notes |", "|---|---|---|---|---|---|"]
-    for name in ROWS:
-        if name not in rows:
-            continue
-        r = rows[name]
+    keys = ("group_size", "calib", "prefix_skip", "prefix_weight", "prefix_spike", "act_order", "mse", "head_bits", "head_gptq",
+            "steps", "train_tokens")
+    for _, r in found:
+        name = r["row"]
         delta = f"{100 * (r['ppl'] / base['ppl'] - 1):+.4g}%" if base else "n/a"
-        notes = ", ".join(f"{k}={r[k]}" for k in ("group_size", "calib", "prefix_skip", "steps", "train_tokens") if k in r)
+        notes = ", ".join(f"{k}={r[k]}" for k in keys if k in r)
         lines.append(f"| {LABELS[name]} | {r['ppl']:.4g} | {delta} | {r['size_bytes'] / 1e6:.1f} | "
                      f"{r['decode_tok_s']:.1f} | {notes} |")
-    any_row = next(iter(rows.values()))
+    any_row = found[0][1]
     lines.append(f"\nPPL over {any_row['tokens']} tokens of the last 1 MB of python-library-docs.txt; "
                  f"{any_row['threads']} thread(s).")
     return "\n".join(lines)
@@ -184,6 +188,14 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--prefix-skip", type=int, default=4)
+    p.add_argument("--prefix-weight", type=float, default=0.0, help="p-gptq: weight of the skipped positions in H")
+    p.add_argument("--prefix-spike", type=float, default=None,
+                   help="p-gptq: skip/down-weight the prefix only in linears whose prefix peak is > this x the rest's")
+    p.add_argument("--act-order", action="store_true", help="gptq rows: columns by decreasing H diagonal")
+    p.add_argument("--mse", action="store_true", help="gptq rows: clip-searched int4 group ranges")
+    p.add_argument("--head-bits", type=int, choices=[4, 8], default=4, help="gptq rows: LM head bits")
+    p.add_argument("--head-gptq", action="store_true", help="gptq rows: GPTQ the LM head too")
+    p.add_argument("--tag", default="", help="row variant: results go to ROW-TAG.json (a separate table line)")
     p.add_argument("--qat-dir", default="/tmp/h5/qat")
     p.add_argument("--qat-latent", default=None, help="row qat from a latent/stepN.safetensors checkpoint")
     p.add_argument("--threads", type=int, default=1)
@@ -196,7 +208,7 @@ def main() -> None:
     rows_dir.mkdir(parents=True, exist_ok=True)
     for row in args.row:
         result = measure(row, args)
-        (rows_dir / f"{row}.json").write_text(json.dumps(result, indent=2))
+        (rows_dir / f"{row}{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result), file=sys.stderr)
     if args.table:
         print(table(rows_dir))

@@ -153,6 +153,13 @@ def add_quantize_parser(sub) -> None:
     q.add_argument("--seq-len", type=int, default=512, help="gptq: tokens per calibration sequence")
     q.add_argument("--prefix-skip", type=int, default=4, help="p-gptq: first positions left out of H")
     q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing H diagonal")
+    q.add_argument("--mse", action="store_true", help="gptq: int4 group ranges by clip search (min weighted error)")
+    q.add_argument("--head-bits", type=int, choices=[4, 8], default=None, help="gptq: LM head bits (default --bits)")
+    q.add_argument("--head-gptq", action="store_true", help="gptq: GPTQ the LM head too (default: round to nearest)")
+    q.add_argument("--prefix-weight", type=float, default=0.0,
+                   help="p-gptq: keep the first --prefix-skip positions in H at this weight (0: leave them out)")
+    q.add_argument("--prefix-spike", type=float, default=None,
+                   help="p-gptq: skip (or down-weight) them only in linears whose max |x| over them is > this x the rest's")
     q.add_argument("--threads", type=int, default=None)
     q.add_argument("--out", required=True, help="output folder")
 

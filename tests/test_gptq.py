@@ -12,10 +12,14 @@ from torch import nn
 from edgelm.loader import load
 from edgelm.quant.gptq import (
     HessianCapture,
+    as_batches,
     calibration_tokens,
+    capture_hessians,
     gptq_quantize,
     gptq_quantize_from_args,
     gptq_weight,
+    layer_inputs,
+    mse_group_params,
     reconstruction_error,
     rtn_weight,
     to_kernel_module,
@@ -127,3 +131,105 @@ def test_bad_input_errors(stories, calib):
                               group_size=32, act_order=False)
     with pytest.raises(ValueError, match="leaves no position"):
         gptq_quantize_from_args(stories, args)
+
+
+def test_driver_hessians_equal_hook_hessians_on_every_layer(stories, calib):
+    """The driver's shared x xᵀ cache must not hand gate/up the product of q/k/v's input: a freed
+    input_layernorm output's buffer is reused by post_attention_layernorm (it once was, in layers 1
+    and 3 of stories260K, and in every SmolLM2 layer)."""
+    states = layer_inputs(stories, as_batches(calib, 8))
+    for layer in stories.layers:
+        targets = {p: m for p, m in stories.named_modules()
+                   if isinstance(m, nn.Linear) and any(m is mm for mm in layer.modules())}
+        xs, hooks = {}, []
+        for p, m in targets.items():
+            hooks.append(m.register_forward_pre_hook(lambda mod, a, p=p: xs.setdefault(p, []).append(a[0])))
+        with torch.no_grad():
+            for h, ctx in states:
+                layer(h, None, ctx)
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            caps = capture_hessians(stories, layer, states, targets, {})
+        assert all(stories.get_submodule(p) is m for p, m in targets.items())  # wrappers removed
+        for p, cap in caps.items():
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs[p]]).double()
+            torch.testing.assert_close(cap.hessian(), (x.T @ x / len(x)).float(), msg=p)
+        with torch.no_grad():
+            states = [(layer(h, None, ctx), ctx) for h, ctx in states]
+
+
+def test_hessian_capture_prefix_weight():
+    lin = nn.Linear(16, 8)
+    x = torch.randn(3, 10, 16).double().float()
+    cap = HessianCapture(lin, 4, prefix_weight=0.25)
+    cap(x)
+    pre, rest = x[:, :4].reshape(-1, 16).double(), x[:, 4:].reshape(-1, 16).double()
+    want = (rest.T @ rest + 0.25 * pre.T @ pre) / (len(rest) + 0.25 * len(pre))
+    torch.testing.assert_close(cap.hessian(), want.float())
+    full = HessianCapture(lin, 0)
+    full(x)
+    one = HessianCapture(lin, 4, prefix_weight=1.0)
+    one(x)
+    torch.testing.assert_close(one.hessian(), full.hessian())  # weight 1: plain GPTQ's H
+    # prefix_spike: the prefix is left out only where its peak is > spike x the rest's peak
+    spiky = x.clone()
+    spiky[:, 0] *= 100
+    for data, spike, left_out in ((x, 10.0, False), (spiky, 10.0, True), (x, 0.5, True)):
+        cap = HessianCapture(lin, 4, prefix_spike=spike)
+        cap(data)
+        ref = HessianCapture(lin, 4 if left_out else 0)
+        ref(data)
+        torch.testing.assert_close(cap.hessian(), ref.hessian())
+
+
+def test_mse_group_params_never_worse_than_min_max():
+    w = torch.randn(32, 64) * torch.linspace(0.5, 2, 64)
+    w[:, 3] = 8  # an outlier column: clipping it pays off for no row, the search must keep p = 1 there
+    wt = torch.rand(64) + 0.1
+    for sym in (False, True):
+        from edgelm.quant.primitives import int4_codes, int4_group_params, int4_values
+
+        def err(s, z):
+            return ((int4_values(int4_codes(w, s[:, None], z[:, None]), s[:, None], z[:, None]) - w) ** 2 * wt).sum(1)
+
+        e_mse, e_minmax = err(*mse_group_params(w, sym, wt)), err(*int4_group_params(w, sym))
+        assert (e_mse <= e_minmax).all() and e_mse.sum() < e_minmax.sum(), sym
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_mse_beats_rtn(act_order):
+    N, K, n = 64, 256, 2048
+    x = torch.randn(n, K) @ (torch.randn(K, K) / K**0.5 + torch.eye(K)) * torch.linspace(0.1, 3, K)
+    H, w = x.T @ x / n, torch.randn(N, K)
+    codes, grid, wq = gptq_weight(w, H, bits=4, group_size=64, act_order=act_order, mse=True)
+    e_rtn = reconstruction_error(w, rtn_weight(w, 4, 64), H)
+    assert reconstruction_error(w, wq, H) < 0.8 * e_rtn
+    assert reconstruction_error(w, rtn_weight(w, 4, 64, mse=True), H) < e_rtn  # the clip search alone helps RTN
+    assert torch.equal(to_kernel_module(codes, grid, None).dequantize(), wq)
+
+
+def test_head_options(calib):
+    """--head-bits 8: an int8 LM head (the tied embedding reads it); --head-gptq: GPTQ on the final
+    normed states, its output closer to fp than the round-to-nearest head; prefix_weight without
+    a skip changes nothing."""
+    from edgelm.quant.linear import Int4Linear, Int8Linear, QuantizedEmbedding
+
+    pred = lambda p, m: is_default_target(p, m) and can_quantize(m, "int4", 32)  # noqa: E731
+    kw = dict(bits=4, group_size=32, predicate=pred, progress=False)
+    fp = load(STORIES, dtype=torch.float32, fuse=False)
+    rtn = gptq_quantize(load(STORIES, dtype=torch.float32, fuse=False), calib, **kw)
+    h8 = gptq_quantize(load(STORIES, dtype=torch.float32, fuse=False), calib, head_bits=8, **kw)
+    hg = gptq_quantize(load(STORIES, dtype=torch.float32, fuse=False), calib, head_gptq=True, **kw)
+    pw = gptq_quantize(load(STORIES, dtype=torch.float32, fuse=False), calib, prefix_weight=0.5, **kw)
+    assert isinstance(h8.lm_head, Int8Linear) and isinstance(hg.lm_head, Int4Linear)
+    assert isinstance(h8.model.embed_tokens, QuantizedEmbedding) and h8.model.embed_tokens.source is h8.lm_head
+    assert all(torch.equal(a, b) for a, b in zip(rtn.state_dict().values(), pw.state_dict().values()))
+    # the layers are identical: only the head differs
+    layers = [k for k in rtn.state_dict() if ".layers." in k]
+    assert all(torch.equal(rtn.state_dict()[k], hg.state_dict()[k]) for k in layers)
+    with torch.no_grad():
+        x = calib[:2]
+        ref = fp(x)
+        e_rtn, e_gptq = ((rtn(x) - ref) ** 2).mean(), ((hg(x) - ref) ** 2).mean()
+    assert e_gptq < e_rtn, (e_gptq, e_rtn)

@@ -35,6 +35,7 @@ from edgelm.quant.primitives import (
     int8_row_scale,
 )
 from edgelm.quant.quantize import (
+    get_module,
     is_default_target,
     record_quantization,
     set_module,
@@ -50,37 +51,64 @@ CALIB_CHARS = 2_000_000  # calibrate on the first 2 MB of the text (the last 1 M
 
 class HessianCapture(nn.Module):
     """Wraps a linear for one calibration pass: forwards unchanged and accumulates H = Σ x xᵀ over
-    the rows of its input x (B, L, K), leaving out positions < prefix_skip (P-GPTQ).
+    the rows of its input x (B, L, K), leaving out positions < prefix_skip (P-GPTQ). Softened
+    P-GPTQ: `prefix_weight` > 0 keeps those positions at that weight; `prefix_spike` r leaves them
+    out (or down-weights them) only where max |x| over them is > r times max |x| over the rest
+    (the layers whose inputs carry the attention-sink spikes); elsewhere H is GPTQ's.
 
     Wrappers given the same `shared` dict reuse one x xᵀ product when they see the same input
-    tensor (q/k/v, gate/up): clear it between forward calls (a freed tensor's address is reused).
+    tensor object (q/k/v, gate/up). The entry holds x itself, so its memory cannot be freed and
+    handed to a later input while the entry lives (keying on the address alone once gave gate/up
+    the x xᵀ of q/k/v: post_attention_layernorm's output reused input_layernorm's freed buffer).
+    Clear it between forward calls.
     """
 
-    def __init__(self, linear: nn.Linear, prefix_skip: int = 0, shared: dict | None = None):
+    def __init__(self, linear: nn.Linear, prefix_skip: int = 0, shared: dict | None = None,
+                 prefix_weight: float = 0.0, prefix_spike: float | None = None):
         super().__init__()
         self.linear, self.prefix_skip = linear, prefix_skip
-        self.H = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
-        self.rows, self.shared = 0, {} if shared is None else shared
+        self.prefix_weight, self.prefix_spike = prefix_weight, prefix_spike
+        K = linear.in_features
+        self.H = torch.zeros(K, K, dtype=torch.float64)  # positions >= prefix_skip
+        self.Hp = torch.zeros(K, K, dtype=torch.float64) if prefix_skip else None  # positions < prefix_skip
+        self.rows, self.prefix_rows, self.peak, self.prefix_peak = 0, 0, 0.0, 0.0
+        self.shared = {} if shared is None else shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.add(x)
         return self.linear(x)
 
     def add(self, x: torch.Tensor) -> None:
-        key = (x.data_ptr(), tuple(x.shape), self.prefix_skip)
-        if key not in self.shared:
-            kept = x[:, self.prefix_skip :] if x.dim() == 3 else x  # (B, L - skip, K)
-            rows = kept.reshape(-1, x.shape[-1]).float()
-            self.shared[key] = (rows.T @ rows, rows.shape[0])  # fp32 per batch, summed in fp64
-        xtx, n = self.shared[key]
+        key = (id(x), self.prefix_skip)
+        if key not in self.shared or self.shared[key][0] is not x:
+            split = self.prefix_skip if x.dim() == 3 else 0
+            rows = x[:, split:].reshape(-1, x.shape[-1]).float() if split else x.reshape(-1, x.shape[-1]).float()
+            entry = [x, rows.T @ rows, rows.shape[0], float(rows.abs().max()) if rows.numel() else 0.0]
+            if split:  # fp32 per batch, summed in fp64
+                pre = x[:, :split].reshape(-1, x.shape[-1]).float()
+                entry += [pre.T @ pre, pre.shape[0], float(pre.abs().max())]
+            self.shared[key] = entry
+        _, xtx, n, peak, *prefix = self.shared[key]
         self.H += xtx
-        self.rows += n
+        self.rows, self.peak = self.rows + n, max(self.peak, peak)
+        if prefix:
+            self.Hp += prefix[0]
+            self.prefix_rows, self.prefix_peak = self.prefix_rows + prefix[1], max(self.prefix_peak, prefix[2])
+
+    def prefix_weight_used(self) -> float:
+        """The weight the positions < prefix_skip get in H: 1 where `prefix_spike` finds no spike."""
+        if self.prefix_spike is not None and self.prefix_peak <= self.prefix_spike * self.peak:
+            return 1.0
+        return self.prefix_weight
 
     def hessian(self) -> torch.Tensor:
         """The mean x xᵀ (K, K) fp32 (the scale does not change GPTQ, damping is relative)."""
-        if self.rows == 0:
+        w = self.prefix_weight_used() if self.prefix_rows else 0.0
+        rows = self.rows + w * self.prefix_rows
+        if rows == 0:
             raise ValueError("no calibration rows reached this layer (is --prefix-skip >= --seq-len?)")
-        return (self.H / self.rows).float()
+        H = self.H + w * self.Hp if w else self.H
+        return (H / rows).float()
 
 
 # ---- one weight --------------------------------------------------------------------------------
@@ -91,27 +119,30 @@ class Grid:
     kernel's W = (q - 8) s + z) or int8 rows (W = q s). `group_size` may be any divisor of K here;
     the kernel's own shape rules are checked by the driver."""
 
-    def __init__(self, bits: int, N: int, K: int, group_size: int, symmetric: bool):
+    def __init__(self, bits: int, N: int, K: int, group_size: int, symmetric: bool, mse: bool = False):
         check_bits(bits, N, K)
         if bits == 4 and K % group_size:
             raise ValueError(f"group_size {group_size} does not divide in_features {K} (weight ({N}, {K}))")
-        self.bits, self.symmetric = bits, symmetric
+        self.bits, self.symmetric, self.mse = bits, symmetric, mse
         self.group_size = group_size if bits == 4 else K
         G = K // self.group_size
         self.scales = torch.zeros(N, G, dtype=torch.bfloat16)
         self.zeros = torch.zeros(N, G, dtype=torch.bfloat16)
 
-    def fit(self, group: int, w: torch.Tensor) -> None:
-        """Set group `group`'s parameters from its current columns w (N, group_size)."""
+    def fit(self, group: int, w: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Set group `group`'s parameters from its current columns w (N, group_size). With `mse`
+        (int4), the range is shrunk by the factor of CLIP_GRID that minimises each row's rounding
+        error Σ_k weight_k (w_k - ŵ_k)² (weight: the columns' H diagonal, or 1)."""
         if self.bits == 4:
-            s, z = int4_group_params(w.float(), self.symmetric)
+            s, z = mse_group_params(w.float(), self.symmetric, weight) if self.mse else int4_group_params(w.float(), self.symmetric)
         else:
             s, z = int8_row_scale(w), torch.zeros(w.shape[0], dtype=torch.bfloat16)
         self.scales[:, group], self.zeros[:, group] = s, z
 
-    def fit_all(self, w: torch.Tensor) -> None:
+    def fit_all(self, w: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         for g in range(self.scales.shape[1]):
-            self.fit(g, w[:, g * self.group_size : (g + 1) * self.group_size])
+            cols = slice(g * self.group_size, (g + 1) * self.group_size)
+            self.fit(g, w[:, cols], None if weight is None else weight[cols])
 
     def round(self, w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Column w (N,) of original index `col` -> (codes (N,), dequantized values (N,) fp32)."""
@@ -125,6 +156,25 @@ class Grid:
 
     def code_dtype(self) -> torch.dtype:
         return torch.uint8 if self.bits == 4 else torch.int8
+
+
+CLIP_GRID = tuple(1 - 0.025 * i for i in range(17))  # 1.0 .. 0.6: the range shrink factors tried
+
+
+def mse_group_params(w: torch.Tensor, symmetric: bool = False, weight: torch.Tensor | None = None):
+    """int4 (scale, zero) bf16 (N,) of the group w (N, group) minimising Σ weight (w - ŵ)² per row
+    over the ranges [p lo, p hi] (p in CLIP_GRID; asymmetric) or the scales p * s (symmetric)."""
+    best_err = torch.full((w.shape[0],), float("inf"))
+    best_s = best_z = None
+    wt = torch.ones(w.shape[1]) if weight is None else weight.float()
+    for p in CLIP_GRID:
+        s, z = int4_group_params(w * p, symmetric)  # the range of w shrunk by p (the grid of p w)
+        err = ((int4_values(int4_codes(w, s[:, None], z[:, None]), s[:, None], z[:, None]) - w) ** 2 * wt).sum(1)
+        better = err < best_err
+        if best_s is None:
+            best_s, best_z = s.clone(), z.clone()
+        best_s[better], best_z[better], best_err[better] = s[better], z[better], err[better]
+    return best_s, best_z
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -148,15 +198,17 @@ def gptq_weight(
     damp: float = 0.01,
     block_size: int = 128,
     symmetric: bool = False,
+    mse: bool = False,
 ) -> tuple[torch.Tensor, Grid, torch.Tensor]:
     """GPTQ one weight w (N, K) against H (K, K) -> (codes (N, K), grid, dequantized Ŵ (N, K) fp32).
 
     Group parameters are fitted from the error-updated columns when a group starts; with
     `act_order` (columns by decreasing H_jj) they are fitted up front from W ("static groups"),
-    so groups stay contiguous in the original column order the kernel needs.
+    so groups stay contiguous in the original column order the kernel needs. `mse`: group ranges
+    by the clip search of `mse_group_params`, rows' errors weighted by the H diagonal.
     """
     N, K = w.shape
-    grid = Grid(bits, N, K, group_size, symmetric)
+    grid = Grid(bits, N, K, group_size, symmetric, mse)
     W, H = w.detach().float().clone(), H.float().clone()
     dead = H.diagonal() == 0  # inputs that are always 0: any value works, take 0
     H[dead, dead] = 1
@@ -164,25 +216,25 @@ def gptq_weight(
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(K)
     static = act_order or bits == 8
     if static:
-        grid.fit_all(W)
+        grid.fit_all(W, H.diagonal())
     W, U = W[:, perm], inverse_hessian_factor(H[perm][:, perm], damp)
     codes, Wq = torch.empty(N, K, dtype=grid.code_dtype()), torch.empty(N, K)
     block = block_size if bits == 8 else math.ceil(block_size / grid.group_size) * grid.group_size
     for a in range(0, K, block):
         b = min(a + block, K)
-        err = _quantize_block(W[:, a:b], U[a:b, a:b], perm[a:b], grid, static, codes, Wq)
+        err = _quantize_block(W[:, a:b], U[a:b, a:b], perm[a:b], grid, static, codes, Wq, H.diagonal())
         W[:, b:] -= err @ U[a:b, b:]  # the lazy batch update of every later column
     return codes, grid, Wq
 
 
-def _quantize_block(Wb, Ub, cols, grid: Grid, static: bool, codes, Wq) -> torch.Tensor:
+def _quantize_block(Wb, Ub, cols, grid: Grid, static: bool, codes, Wq, hdiag) -> torch.Tensor:
     """Columns Wb (N, B) in place, in order; returns the scaled errors E (N, B) for the lazy update.
     `cols` (B,) are the original column indices (codes and Ŵ are written there)."""
     E = torch.empty_like(Wb)
     for i in range(Wb.shape[1]):
         col = int(cols[i])
         if not static and col % grid.group_size == 0:  # groups lie inside blocks (block % group == 0)
-            grid.fit(col // grid.group_size, Wb[:, i : i + grid.group_size])
+            grid.fit(col // grid.group_size, Wb[:, i : i + grid.group_size], hdiag[col : col + grid.group_size])
         q, wq = grid.round(Wb[:, i], col)
         codes[:, col], Wq[:, col] = q, wq
         E[:, i] = (Wb[:, i] - wq) / Ub[i, i]
@@ -190,12 +242,28 @@ def _quantize_block(Wb, Ub, cols, grid: Grid, static: bool, codes, Wq) -> torch.
     return E
 
 
-def rtn_weight(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False) -> torch.Tensor:
+def rtn_weight(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
+               mse: bool = False) -> torch.Tensor:
     """Round-to-nearest on the same grid (the baseline GPTQ must beat): Ŵ (N, K) fp32."""
+    return rtn_codes(w, bits, group_size, symmetric, mse)[2]
+
+
+def rtn_codes(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False, mse: bool = False):
+    """Round-to-nearest -> (codes (N, K), grid, Ŵ (N, K) fp32), like `gptq_weight`."""
     N, K = w.shape
-    grid = Grid(bits, N, K, group_size, symmetric)
+    grid = Grid(bits, N, K, group_size, symmetric, mse)
     grid.fit_all(w.float())
-    return torch.stack([grid.round(w[:, j].float(), j)[1] for j in range(K)], dim=1)
+    codes, Wq = torch.empty(N, K, dtype=grid.code_dtype()), torch.empty(N, K)
+    for g in range(K // grid.group_size):  # one group of columns at a time (the grid is per group)
+        cols = slice(g * grid.group_size, (g + 1) * grid.group_size)
+        s, z = grid.scales[:, g : g + 1], grid.zeros[:, g : g + 1]
+        if bits == 4:
+            codes[:, cols] = int4_codes(w[:, cols], s, z)
+            Wq[:, cols] = int4_values(codes[:, cols], s, z)
+        else:
+            codes[:, cols] = int8_codes(w[:, cols].float(), s)
+            Wq[:, cols] = codes[:, cols].float() * s.float()
+    return codes, grid, Wq
 
 
 def reconstruction_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
@@ -268,44 +336,75 @@ def gptq_quantize(
     bits: int = 4,
     group_size: int = 128,
     prefix_skip: int = 0,
+    prefix_weight: float = 0.0,
+    prefix_spike: float | None = None,
     act_order: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
     symmetric: bool = False,
+    mse: bool = False,
+    head_bits: int | None = None,
+    head_gptq: bool = False,
     predicate=None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> nn.Module:
     """GPTQ (P-GPTQ when prefix_skip > 0) every target linear of the decoder layers in place, then
-    round-to-nearest the LM head (the same bits and groups as `quantize_model`, so the tied
-    embedding reads quantized rows) and record the layout. Load the model with fuse=False."""
+    the LM head, by default round-to-nearest with the same bits and groups as `quantize_model`
+    (`head_bits` 8: int8 per channel; `head_gptq`: GPTQ on the final normed hidden states), the tied
+    embedding reading its quantized rows; records the layout. Load the model with fuse=False.
+
+    `prefix_weight` (0..1, with prefix_skip > 0): positions < prefix_skip stay in H at that weight
+    instead of being left out; `prefix_spike` r: only in linears whose input peaks over those
+    positions exceed r times the peak over the rest (`HessianCapture`). `mse`: clip-searched group ranges (`mse_group_params`), also for a
+    round-to-nearest int4 head."""
     predicate = predicate or is_default_target
     all_targets = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear) and predicate(p, m)}
     check_targets(model, all_targets, bits, group_size)
+    head_bits = head_bits or bits
+    layer_paths = {p for p, m in model.named_modules() if any(m is l for l in model.layers)}
+    outside = {p: m for p, m in all_targets.items() if not any(p.startswith(lp + ".") for lp in layer_paths)}
+    if outside:
+        check_targets(model, outside, head_bits, group_size)
     if prefix_skip < 0:
         raise ValueError(f"prefix_skip must be >= 0, got {prefix_skip}")
+    if not 0 <= prefix_weight <= 1:
+        raise ValueError(f"prefix_weight must be in [0, 1], got {prefix_weight}")
     ties = tied_embeddings(model, all_targets)
     states = layer_inputs(model, as_batches(calib_tokens, batch_size))
     settings = dict(bits=bits, group_size=group_size, act_order=act_order, damp=damp, block_size=block_size,
-                    symmetric=symmetric)
+                    symmetric=symmetric, mse=mse)
+    capture = dict(prefix_skip=prefix_skip, prefix_weight=prefix_weight, prefix_spike=prefix_spike)
     rest = dict(all_targets)
     for layer in _progress(list(model.layers), progress, "GPTQ layers"):
         prefix = next(p for p, m in model.named_modules() if m is layer) + "."
         targets = {p: rest.pop(p) for p in list(rest) if p.startswith(prefix)}
-        _quantize_layer(model, layer, states, targets, prefix_skip, settings)
+        _quantize_layer(model, layer, states, targets, capture, settings)
         states = [(layer(h, None, ctx), ctx) for h, ctx in states]  # inputs of the next layer
-    for path, m in rest.items():  # outside the decoder layers (the LM head): round to nearest
-        set_module(model, path, to_quantized(m, "int4" if bits == 4 else "int8", group_size, symmetric))
+    head = {**settings, "bits": head_bits}
+    if head_gptq and rest:  # the final norm's output is what the LM head multiplies
+        norm = model.model.norm
+        states = [(norm(h), ctx) for h, ctx in states]
+        run = lambda h, cache, ctx: [get_module(model, p)(h) for p in rest]  # noqa: E731 (wrapped heads)
+        _quantize_layer(model, run, states, dict(rest), capture, head)
+    else:
+        for path, m in rest.items():  # outside the decoder layers (the LM head): round to nearest
+            if mse:
+                codes, grid, _ = rtn_codes(m.weight.detach(), head_bits, group_size, symmetric, mse)
+                set_module(model, path, to_kernel_module(codes, grid, m.bias))
+            else:
+                set_module(model, path, to_quantized(m, "int4" if head_bits == 4 else "int8", group_size, symmetric))
     tie_quantized_embeddings(model, ties)
     method = "gptq" if prefix_skip == 0 else "p-gptq"
     record_quantization(model, method, group_size, symmetric)
     return model
 
 
-def _quantize_layer(model, layer, states, targets: dict, prefix_skip: int, settings: dict) -> None:
-    """One calibration pass through `layer` with every target wrapped, then GPTQ each target."""
+def capture_hessians(model, layer, states, targets: dict, capture: dict) -> dict[str, HessianCapture]:
+    """One calibration pass through `layer` (called as layer(h, None, ctx)) with every target
+    wrapped: {path: its HessianCapture}. capture: HessianCapture's prefix_skip / prefix_weight."""
     shared = {}
-    wrappers = {p: HessianCapture(m, prefix_skip, shared) for p, m in targets.items()}
+    wrappers = {p: HessianCapture(m, shared=shared, **capture) for p, m in targets.items()}
     for p, w in wrappers.items():
         set_module(model, p, w)
     try:
@@ -315,7 +414,12 @@ def _quantize_layer(model, layer, states, targets: dict, prefix_skip: int, setti
     finally:
         for p, w in wrappers.items():
             set_module(model, p, w.linear)
-    for p, w in wrappers.items():
+    return wrappers
+
+
+def _quantize_layer(model, layer, states, targets: dict, capture: dict, settings: dict) -> None:
+    """Capture every target's H in one pass through `layer`, then GPTQ each target."""
+    for p, w in capture_hessians(model, layer, states, targets, capture).items():
         codes, grid, _ = gptq_weight(w.linear.weight, w.hessian(), **settings)
         set_module(model, p, to_kernel_module(codes, grid, w.linear.bias))
 
@@ -352,7 +456,8 @@ def calibration_tokens(tokenizer, text_path: str | Path, samples: int, seq_len: 
 
 def gptq_quantize_from_args(model: nn.Module, args) -> nn.Module:
     """`edgelm quantize --method gptq|p-gptq`: reads --calib, --samples, --seq-len, --prefix-skip,
-    --bits, --group-size, --act-order (and --damp if present). `gptq` ignores --prefix-skip."""
+    --bits, --group-size, --act-order (and --damp, --symmetric, --mse, --head-bits, --head-gptq,
+    --prefix-weight if present). `gptq` ignores --prefix-skip and --prefix-weight."""
     if getattr(args, "calib", None) is None:
         raise ValueError(f"--method {args.method} needs --calib FILE (calibration text)")
     tokens = calibration_tokens(model.tokenizer, args.calib, args.samples, args.seq_len)
@@ -361,7 +466,10 @@ def gptq_quantize_from_args(model: nn.Module, args) -> nn.Module:
         raise ValueError(f"--prefix-skip {skip} leaves no position of --seq-len {args.seq_len} for the Hessian")
     return gptq_quantize(
         model, tokens, bits=args.bits, group_size=args.group_size, prefix_skip=skip,
-        act_order=args.act_order, damp=getattr(args, "damp", 0.01),
+        act_order=args.act_order, damp=getattr(args, "damp", 0.01), symmetric=getattr(args, "symmetric", False),
+        mse=getattr(args, "mse", False), head_bits=getattr(args, "head_bits", None),
+        head_gptq=getattr(args, "head_gptq", False), prefix_weight=getattr(args, "prefix_weight", 0.0) if skip else 0.0,
+        prefix_spike=getattr(args, "prefix_spike", None) if skip else None,
     )
 
 
