@@ -329,7 +329,7 @@ def cmd_generate(args) -> None:
             f"peak RSS {last.peak_rss_mb:.0f} MB]",
             file=sys.stderr,
         )
-        if step_fn is not None:
+        if getattr(step_fn, "stats", None) is not None:  # speculative decoding's acceptance
             print(stats_line(step_fn.stats), file=sys.stderr)
 
 

@@ -9,6 +9,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_built():
+    """Build edgelm's C++ kernels (~1 min, cached) once up front, so that no test's timing or
+    server start-up timeout includes the build."""
+    from edgelm import kernels
+
+    kernels.available()
+
+
 @pytest.fixture(scope="session")
 def smol_ref():
     """transformers' fp32 model of the SmolLM2 Q4_1 GGUF (dequantized by transformers itself): the

@@ -127,8 +127,10 @@ def test_quantize_cli_round_trip_exact(method, tmp_path):
     tokens = torch.tensor([expected.tokenizer.encode("Once upon a time")])
     with torch.no_grad():
         assert torch.equal(reloaded(tokens), expected(tokens))
-        fused = load(out)  # fused q/k/v + gate/up of quantized modules: same maths
-        assert (fused(tokens) - expected(tokens)).abs().max() < 1e-4
+        # fused q/k/v + gate/up of quantized modules: same maths (and the fused C++ step), up to
+        # fp32 summation order and the int16 rounding of activations that it can flip
+        fused = load(out)
+        assert (fused(tokens) - expected(tokens)).abs().max() < 1e-3
 
 
 def test_generate_runs_saved_quantized_folder(tmp_path, capsys):

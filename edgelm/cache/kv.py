@@ -39,6 +39,16 @@ class KVCache:
         self.offset = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def reserve(self, B: int, H: int, D: int, end: int, like: torch.Tensor) -> None:
+        """Make room for positions [0, end) (B, H, D, `like`'s dtype) without writing: for writers
+        that fill the buffers themselves (the fast decode step), then call `advance`."""
+        if self.keys is None or end > self.keys.shape[2]:
+            empty = like.new_empty(B, H, 0, D)
+            self._grow(empty, empty, end)
+
+    def advance(self, n: int) -> None:
+        self.offset += n
+
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from edgelm.kernels import llama as fast
 from edgelm.layers.attention import Attention, ForwardContext
 from edgelm.layers.mlp import GatedMLP
 from edgelm.layers.norm import RMSNorm
@@ -139,6 +140,9 @@ class Model(CausalLM):
         self.init_head(args, LlamaModel(args))
 
     def hidden_states(self, tokens: torch.Tensor, cache, ctx: ForwardContext) -> torch.Tensor:
+        h = fast.hidden_states(self, tokens, cache, ctx)  # decode: every layer in one C++ call
+        if h is not None:
+            return h
         h = self.model.embed_tokens(tokens)  # (B, L, hidden)
         if self.config.embedding_multiplier != 1.0:
             h = h * self.config.embedding_multiplier

@@ -65,6 +65,10 @@ class OpTimer:
 
     @contextmanager
     def installed(self):
+        # Hooks see modules only: the breakdown runs the module path, not the fused C++ decode
+        # step (edgelm/kernels/llama.py), which does the same operators in one call.
+        fast_before = getattr(self.model, "fast_decode", None)
+        self.model.fast_decode = False
         for name, module in self.model.named_modules():
             cls = "other" if module is self.model else op_class(name, module)
             self._handles.append(module.register_forward_pre_hook(self._pre))
@@ -75,6 +79,10 @@ class OpTimer:
             for h in self._handles:
                 h.remove()
             self._handles.clear()
+            if fast_before is None:
+                del self.model.fast_decode
+            else:
+                self.model.fast_decode = fast_before
 
     def reset(self) -> None:
         self.totals.clear()

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from edgelm.formats.gguf import GGUFTensor
-from edgelm.quant.linear import Int4Linear, Int8Linear
-from edgelm.quant.primitives import INT4_ROW_MULTIPLE, SCALE_DTYPE, check_int4_shape, pack_int4_for_cpu
+from edgelm.quant.linear import Int4Linear, Int8Linear, default_int4_layout
+from edgelm.quant.primitives import INT4_ROW_MULTIPLE, check_int4_shape
 from edgelm.quant.quantize import record_quantization, set_module, tie_quantized_embeddings, tied_embeddings
 
 DENSE_TYPES = ("F32", "F16", "BF16")
@@ -87,12 +87,15 @@ def repack_int4(t: GGUFTensor, bias=None) -> Int4Linear:
     N, K = t.shape
     check_int4_shape(N, K, GROUP_SIZE)
     decode, raw = INT4_DECODERS[t.type_name], _raw_rows(t)
+    layout = default_int4_layout()
     packed, sz = [], []
     for i in range(0, N, REPACK_CHUNK_ROWS):
         q, scale, zero = decode(raw[i : i + REPACK_CHUNK_ROWS])  # (R, K) codes, (R, K/32) fp32
-        packed.append(pack_int4_for_cpu(q))
-        sz.append(torch.stack([scale, zero], dim=-1).transpose(0, 1).to(SCALE_DTYPE))  # (G, R, 2)
-    return Int4Linear.from_packed(torch.cat(packed), torch.cat(sz, dim=1), GROUP_SIZE, _bias(bias))
+        p, s = Int4Linear.pack(q, scale, zero, GROUP_SIZE, layout)
+        packed.append(p)
+        sz.append(s)
+    sz = torch.cat(sz, dim=Int4Linear.scale_row_dim(layout))
+    return Int4Linear.from_packed(torch.cat(packed), sz, GROUP_SIZE, _bias(bias), layout)
 
 
 def dequantize_gguf_rows(t: GGUFTensor, start: int, stop: int) -> torch.Tensor:

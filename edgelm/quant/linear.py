@@ -1,42 +1,54 @@
 """Weight-only quantized linears (int4 group-wise, int8 per channel) and a quantized embedding.
 
 Each module keeps `dequantize()` -> fp32 (out, in) weight as its plain reference: `forward(x)`
-equals `F.linear(x, dequantize(), bias)` up to the bf16 rounding of activations and outputs
-(tests/test_quant.py). Activations of any shape (..., in) and dtype fp32/bf16 go in; the same
+equals `F.linear(x, dequantize(), bias)` up to the rounding of activations (tests/test_quant.py,
+tests/test_kernels.py). Activations of any shape (..., in) and dtype fp32/bf16 go in; the same
 dtype comes out.
 
-Which path runs: the int kernels dequantize each weight once per 4 rows of x, so their cost grows
-linearly with M, while dequantize-then-fp32-GEMM pays one dequantization per call and then runs
-~2x faster per row. Measured on the 2-core AVX2 dev box (Zen 3, no AVX-512/AMX), 1 thread, CPU
-time (medians; the box was shared), ms per call; k = int kernel, d = dequantize + fp32 F.linear:
-    rows M   1536 x 576 (gate/up)                576 x 1536 (down)
-             fp32   int4 k / d   int8 k / d      fp32   int4 k / d   int8 k / d
-    32       1.0    1.6 / 3.4    1.6 / 1.4       1.0    1.6 / 3.7    1.5 / 1.3
-    128      4.7    6.1 / 7.2    6.2 / 4.3       3.2    6.0 / 7.3    6.0 / 4.2
-    192      5.3    10  / 7.2    9.1 / 5.5       4.7    9.1 / 8.8    12  / 6.3
-    256      6.1    13  / 9.0    12  / 6.7       5.8    12  / 8.7    12  / 8.8
-int8 dequantizes in 0.2 ms per 1M weights, int4 in ~2 ms (reading codes back from the packed
-layout is a gather), hence the different thresholds (`dequant_min_rows`) below.
+Which path runs: the int kernels cost grows linearly with the rows M of x (each weight block is
+unpacked once and dotted with every row), while dequantize-then-fp32-GEMM pays one dequantization
+per call and then runs faster per row, so `dequant_min_rows` switches to it for prompts.
+
+Kernels: with edgelm's C++ kernels built (edgelm/kernels, the default on x86-64 with a compiler),
+int4 uses the "blocks" layout and both int4 and int8 multiply fp32 activations rounded to int16 per
+32-block (~1e-5 relative, unlike llama.cpp's int8 activations, ~1% per matmul); without them,
+torch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm` run on bf16 activations. Measured on
+the 2-core AVX2 dev box (Zen 3), 1 thread, ms per call (python benchmarks/kernels.py):
+    shape (N x K)      M   int4 edgelm / torch   int8 edgelm / torch   fp32 F.linear
+    3072 x 576         1   0.28 / 0.45           0.23 / 0.40           0.72
+    49152 x 576        1   4.2  / 7.1            4.1  / 8.7            13.8
+    49152 x 576        8   25.7 / 31.1           23.2 / 32.1           51.7
+    8192 x 2048        1   2.4  / 4.2            2.9  / 4.1            5.1
+torch's layout dequantizes slowly (~2 ms per 1M weights: its packed order needs a gather), hence
+its higher threshold.
 """
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgelm import kernels
 from edgelm.quant.primitives import (
+    BLOCK,
     PACK_ROWS,
     SCALE_DTYPE,
     check_int4_shape,
     check_int8_shape,
     dequantize_int4,
     dequantize_int8,
+    expand_to_blocks,
+    blocks_to_groups,
     merge_scales_and_zeros,
     pack_int4,
+    pack_int4_blocks,
     pack_int4_for_cpu,
     quantize_int4,
     quantize_int8,
     split_scales_and_zeros,
     unpack_int4,
+    unpack_int4_blocks,
     unpack_int4_from_cpu,
     unpack_int4_rows_from_cpu,
 )
@@ -52,63 +64,110 @@ def _bias_param(bias: torch.Tensor | None, out_features: int, has_bias: bool) ->
     return None
 
 
+def default_int4_layout() -> str:
+    """"blocks" (edgelm's kernels, ~3x torch's int4 GEMV on AVX2) when they are built, else "torch"."""
+    return "blocks" if kernels.available() else "torch"
+
+
+_KERNEL_HANDLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 class _QuantLinear(nn.Module):
     """Shared forward policy: int kernel for few rows (decode), dense weight for many (prefill)."""
-
-    dequant_min_rows: int  # rows of x (batch * tokens) from which the dense path wins; see above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows >= self.dequant_min_rows:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantize(x.dtype), bias)
-        x2 = x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous()  # kernels want (M, K) bf16
-        y = self.kernel(x2).to(x.dtype)  # (M, N)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.kernel(x.reshape(rows, self.in_features)).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _edgelm_kernel(self, kind: int, w: torch.Tensor, s: torch.Tensor):
+        """The C++ kernel's handle for these buffers (rebuilt when a buffer is replaced). Kept
+        outside the module's __dict__ so that copy.deepcopy and pickling never see it."""
+        key = (w.data_ptr(), s.data_ptr(), None if self.bias is None else self.bias.data_ptr())
+        cached = _KERNEL_HANDLES.get(self)
+        if cached is None or cached[0] != key:
+            bias = None if self.bias is None else self.bias.detach().float().contiguous()
+            cached = _KERNEL_HANDLES[self] = (key, kernels.ext().make_linear(kind, w, s, bias))
+        return cached[1]
 
     def extra_repr(self) -> str:
         has_bias = self.bias is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={has_bias}"
 
 
+def _torch_kernel(fn, x: torch.Tensor, *args, bias=None) -> torch.Tensor:
+    """torch's weight-only kernels want (M, K) bf16 and add no bias."""
+    y = fn(x.to(torch.bfloat16).contiguous(), *args)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 class Int4Linear(_QuantLinear):
     """W[n, k] = (q[n, k] - 8) * scale[n, k // group_size] + zero[n, k // group_size], q in 0..15.
 
-    Runtime buffers: `packed` (N, K/2) uint8 in torch's CPU int4pack layout, and
-    `scales_and_zeros` (K/group_size, N, 2) bf16, the kernel's own operands, 0.5 byte per weight.
-    The packed layout depends on the CPU's ISA (AVX2 and AVX-512 builds interleave rows
-    differently), so it is never saved: `state_dict()` holds `qweight` (N, K/2) uint8 in the
-    portable `pack_int4` order (byte j = q[2j] | q[2j+1] << 4), unpacked from `packed` on save and
-    repacked for this machine on load. Keeping both at runtime would double the weight memory.
+    Two runtime layouts, 0.5 byte per weight plus scales, chosen by `layout`:
+    - "blocks" (default when edgelm's kernels are built): `packed` (N, K/2) uint8 in the kernels'
+      block layout (`pack_int4_blocks`) and `block_sz` (N, K/32, 2) bf16, one (scale, zero) pair
+      per 32-block. Activations stay fp32; the kernel quantizes them to int8 per 32-block.
+    - "torch": `packed` in torch's ISA-specific CPU int4pack layout and `scales_and_zeros`
+      (K/group_size, N, 2) bf16, for `torch._weight_int4pack_mm_for_cpu` with bf16 activations.
+    Neither runtime layout is saved: `state_dict()` holds `qweight` (N, K/2) uint8 in the portable
+    `pack_int4` order (byte j = q[2j] | q[2j+1] << 4) and `scales_and_zeros` (G, N, 2) bf16,
+    converted on save and on load. Keeping two layouts at runtime would double the weight memory.
     """
 
-    dequant_min_rows = 160  # crossover between M = 128 and 192 (module docstring)
+    # rows of x from which dequantize + fp32 GEMM beats the int kernel (module docstring; the
+    # blocks kernel's cost grows ~linearly in rows, so its crossover is lower)
+    min_rows = {"blocks": 24, "torch": 160}
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32, layout=None):
         check_int4_shape(out_features, in_features, group_size)
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
-        self.register_buffer("packed", packed, persistent=False)
-        sz = torch.empty(in_features // group_size, out_features, 2, dtype=SCALE_DTYPE)
-        self.register_buffer("scales_and_zeros", sz)
+        self.layout = layout or default_int4_layout()
+        self.dequant_min_rows = self.min_rows[self.layout]
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8), persistent=False)
+        if self.layout == "blocks":
+            sz = torch.empty(out_features, in_features // BLOCK, 2, dtype=SCALE_DTYPE)
+            self.register_buffer("block_sz", sz, persistent=False)
+        else:
+            sz = torch.empty(in_features // group_size, out_features, 2, dtype=SCALE_DTYPE)
+            self.register_buffer("scales_and_zeros", sz, persistent=False)
         self.bias = _bias_param(None, out_features, bias)
 
+    @staticmethod
+    def pack(q, scales, zeros, group_size: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes q (R, K) and scales/zeros (R, G) -> this layout's (packed, scales) for R rows.
+        Row chunks pack independently: join packed along dim 0 and scales along `scale_row_dim`."""
+        if layout == "blocks":
+            return pack_int4_blocks(q), expand_to_blocks(scales, zeros, group_size)
+        return pack_int4_for_cpu(q), merge_scales_and_zeros(scales, zeros)
+
+    @staticmethod
+    def scale_row_dim(layout: str) -> int:
+        return 0 if layout == "blocks" else 1
+
     @classmethod
-    def from_packed(cls, packed, scales_and_zeros, group_size: int, bias=None) -> "Int4Linear":
-        """From the kernel's operands: packed (N, K/2) CPU layout, scales_and_zeros (G, N, 2)."""
-        m = cls(packed.shape[1] * 2, packed.shape[0], bias is not None, group_size)
-        m.packed, m.scales_and_zeros = packed, scales_and_zeros.to(SCALE_DTYPE).contiguous()
+    def from_packed(cls, packed, sz, group_size: int, bias=None, layout: str | None = None) -> "Int4Linear":
+        """From one layout's buffers (`pack`); `layout` None means the default layout."""
+        layout = layout or default_int4_layout()
+        N, K = packed.shape[0], packed.shape[1] * 2
+        m = cls(K, N, bias is not None, group_size, layout)
+        m.packed = packed.contiguous()
+        if layout == "blocks":
+            m.block_sz = sz.to(SCALE_DTYPE).contiguous()
+        else:
+            m.scales_and_zeros = sz.to(SCALE_DTYPE).contiguous()
         m.bias = _bias_param(bias, m.out_features, bias is not None)
         return m
 
     @classmethod
-    def from_quantized(cls, q, scales, zeros, group_size: int, bias=None) -> "Int4Linear":
+    def from_quantized(cls, q, scales, zeros, group_size: int, bias=None, layout: str | None = None) -> "Int4Linear":
         """q (N, K) uint8 0..15, scales and zeros (N, K/group_size): W = (q - 8) * scale + zero."""
         check_int4_shape(*q.shape, group_size)
-        return cls.from_packed(pack_int4_for_cpu(q), merge_scales_and_zeros(scales, zeros), group_size, bias)
+        layout = layout or default_int4_layout()
+        return cls.from_packed(*cls.pack(q, scales, zeros, group_size, layout), group_size, bias, layout)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 32, symmetric: bool = False) -> "Int4Linear":
@@ -122,46 +181,68 @@ class Int4Linear(_QuantLinear):
         return cls.from_quantized(q, scales, zeros, group_size, linear.bias)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        """x (M, K) -> (M, N) through this layout's int kernel."""
+        if self.layout == "blocks":
+            return kernels.ext().linear(self._edgelm_kernel(1, self.packed, self.block_sz), x.float())
+        sz = self.scales_and_zeros
+        return _torch_kernel(torch._weight_int4pack_mm_for_cpu, x, self.packed, self.group_size, sz, bias=self.bias)
+
+    def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """scales, zeros (N, G) bf16."""
+        if self.layout == "blocks":
+            return blocks_to_groups(self.block_sz, self.group_size)
+        return split_scales_and_zeros(self.scales_and_zeros)
 
     def codes(self) -> torch.Tensor:
         """q (N, K) uint8 0..15, read back from the packed layout."""
+        if self.layout == "blocks":
+            return unpack_int4_blocks(self.packed)
         return unpack_int4_from_cpu(self.packed)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The reference weight (N, K): exactly what the kernel multiplies by (before its own
-        fp32 accumulation order)."""
-        scales, zeros = split_scales_and_zeros(self.scales_and_zeros)
+        accumulation order and, for "blocks", the int8 rounding of activations)."""
+        scales, zeros = self.scales_zeros()
         return dequantize_int4(self.codes(), scales, zeros, self.group_size, dtype)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """fp32 rows W[rows] (R, K), reading only those rows (embedding lookups)."""
-        scales, zeros = split_scales_and_zeros(self.scales_and_zeros)
-        q = unpack_int4_rows_from_cpu(self.packed, rows)
+        scales, zeros = self.scales_zeros()
+        if self.layout == "blocks":
+            q = unpack_int4_blocks(self.packed[rows])
+        else:
+            q = unpack_int4_rows_from_cpu(self.packed, rows)
         return dequantize_int4(q, scales[rows], zeros[rows], self.group_size)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # scales_and_zeros, bias
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias
         destination[prefix + "qweight"] = pack_int4(self.codes())
+        destination[prefix + "scales_and_zeros"] = merge_scales_and_zeros(*self.scales_zeros())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        key = prefix + "qweight"
-        if key in state_dict:
-            self.packed = pack_int4_for_cpu(unpack_int4(state_dict[key]))
+        qkey, skey = prefix + "qweight", prefix + "scales_and_zeros"
+        if qkey in state_dict and skey in state_dict:
+            scales, zeros = split_scales_and_zeros(state_dict[skey])
+            q = unpack_int4(state_dict[qkey])
+            self.packed, sz = self.pack(q, scales, zeros, self.group_size, self.layout)
+            if self.layout == "blocks":
+                self.block_sz = sz
+            else:
+                self.scales_and_zeros = sz
         elif strict:
-            missing.append(key)
-        rest = {k: v for k, v in state_dict.items() if k != key}  # `packed` is not a saved name
+            missing.extend(k for k in (qkey, skey) if k not in state_dict)
+        rest = {k: v for k, v in state_dict.items() if k not in (qkey, skey)}  # not registered names
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}"
+        return f"{super().extra_repr()}, group_size={self.group_size}, layout={self.layout}"
 
 
 class Int8Linear(_QuantLinear):
     """W[n, k] = qweight[n, k] * scales[n]: int8 codes, one bf16 scale per output channel.
     `qweight` is a plain (N, K) int8 matrix, portable as is: the buffers are what state_dict saves."""
 
-    dequant_min_rows = 32  # the dense path already wins at M = 32 (module docstring)
+    dequant_min_rows = 24  # the dense path already wins at M = 32 (module docstring)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         check_int8_shape(out_features, in_features)
@@ -192,7 +273,10 @@ class Int8Linear(_QuantLinear):
         return cls.from_quantized(q, scales, bias)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x, self.qweight, self.scales)
+        """x (M, K) -> (M, N): edgelm's kernel (int8 x int8 per 32-block) when built, else torch's."""
+        if kernels.available() and self.in_features % BLOCK == 0:
+            return kernels.ext().linear(self._edgelm_kernel(2, self.qweight, self.scales), x.float())
+        return _torch_kernel(torch._weight_int8pack_mm, x, self.qweight, self.scales, bias=self.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scales, dtype)
@@ -263,11 +347,12 @@ def fuse_quantized(linears: list[nn.Module]) -> Int4Linear | Int8Linear | None:
         return Int8Linear.from_quantized(
             torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]), bias
         )
-    if any(m.group_size != first.group_size for m in linears):
+    if any(m.group_size != first.group_size or m.layout != first.layout for m in linears):
         return None
-    if all(m.out_features % PACK_ROWS == 0 for m in linears):  # row blocks pack independently: join as is
+    layout = first.layout
+    if layout == "blocks" or all(m.out_features % PACK_ROWS == 0 for m in linears):  # row blocks pack independently
         packed = torch.cat([m.packed for m in linears])
     else:
         packed = pack_int4_for_cpu(torch.cat([m.codes() for m in linears]))
-    sz = torch.cat([m.scales_and_zeros for m in linears], dim=1)  # (G, sum N, 2)
-    return Int4Linear.from_packed(packed, sz, first.group_size, bias)
+    sz = torch.cat([m.block_sz if layout == "blocks" else m.scales_and_zeros for m in linears], Int4Linear.scale_row_dim(layout))
+    return Int4Linear.from_packed(packed, sz, first.group_size, bias, layout)

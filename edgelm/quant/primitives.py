@@ -145,6 +145,38 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
+# edgelm's own kernel layout (edgelm/kernels/cpu.cpp): each 32-weight block of a row is 16 bytes,
+# byte j = q[j] | q[j + 16] << 4, so one 16-byte load and a shift give the block's 32 codes in order.
+BLOCK = 32
+
+
+def pack_int4_blocks(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) 0..15 -> (N, K/2) uint8 in the kernels' block layout (K a multiple of 32)."""
+    N, K = q.shape
+    b = q.to(torch.uint8).reshape(N, K // BLOCK, 2, BLOCK // 2)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4_blocks(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4_blocks`: (N, K/2) uint8 -> (N, K) uint8."""
+    N, half = packed.shape
+    b = packed.reshape(N, half // (BLOCK // 2), 1, BLOCK // 2)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(N, half * 2)
+
+
+def expand_to_blocks(scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """scales, zeros (N, G) -> (N, K/32, 2) bf16: one (scale, zero) pair per 32-block (the kernel
+    reads pairs of 8 consecutive blocks with one load, whatever the group size)."""
+    sz = torch.stack([scales, zeros], dim=-1).to(SCALE_DTYPE)  # (N, G, 2)
+    return sz.repeat_interleave(group_size // BLOCK, dim=1).contiguous()
+
+
+def blocks_to_groups(block_sz: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `expand_to_blocks`: (N, K/32, 2) -> scales, zeros (N, G)."""
+    sz = block_sz[:, :: group_size // BLOCK]
+    return sz[..., 0], sz[..., 1]
+
+
 # torch's CPU layout packs each block of BLOCK_N rows on its own (BLOCK_N = 32 with AVX2, 64 with
 # AVX-512) into a contiguous run of BLOCK_N * K / 2 bytes, nibble order depending on the ISA. We
 # only rely on "blocks of 64 rows are independent and in order", which holds for every BLOCK_N that

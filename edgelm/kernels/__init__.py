@@ -1,0 +1,73 @@
+"""edgelm's own CPU kernels (`cpu.cpp`), built on first use with torch's C++ extension tooling.
+
+`ext()` returns the compiled module, or None when it cannot be had (no C++ compiler, a build error,
+or `EDGELM_KERNELS=0`): every caller then falls back to stock PyTorch ops, so edgelm runs anywhere
+and the kernels are purely a speed-up. The build (~1 min, once) is cached under
+`$EDGELM_CACHE` (default ~/.cache/edgelm/kernels), keyed by the source's hash and the ISA flags.
+"""
+
+import hashlib
+import logging
+import os
+import pathlib
+import warnings
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = pathlib.Path(__file__).with_name("cpu.cpp")
+_state: dict = {}
+
+
+def _isa_flags() -> list[str]:
+    """AVX2+FMA+F16C when this CPU has them (every x86-64 since 2013), else portable scalar code."""
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        flags = []
+    if {"avx2", "fma", "f16c"} <= set(flags):
+        return ["-mavx2", "-mfma", "-mf16c"]
+    return []
+
+
+def enabled() -> bool:
+    return os.environ.get("EDGELM_KERNELS", "1") not in ("0", "false", "no")
+
+
+def ext():
+    """The compiled kernel module, or None (see the module docstring)."""
+    if not enabled():
+        return None
+    if "mod" not in _state:
+        _state["mod"] = _build()
+    return _state["mod"]
+
+
+def _build():
+    # -fopenmp: at::parallel_for is an inline OpenMP loop; libgomp.so.1 resolves to the copy torch
+    # already loaded, so both share one thread pool.
+    flags = ["-O3", "-std=c++17", "-fopenmp", *_isa_flags()]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:12]
+    name = f"edgelm_cpu_{digest}"
+    root = pathlib.Path(os.environ.get("EDGELM_CACHE", pathlib.Path.home() / ".cache" / "edgelm")) / "kernels" / name
+    try:
+        from torch.utils import cpp_extension
+
+        root.mkdir(parents=True, exist_ok=True)
+        if not any(root.glob("*.so")):
+            log.warning("edgelm: building CPU kernels (once, ~1 min) in %s", root)
+        return cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(root),
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, missing headers, ...: stock kernels still work
+        warnings.warn(f"edgelm CPU kernels unavailable ({type(e).__name__}: {e}); using stock PyTorch kernels")
+        return None
+
+
+def available() -> bool:
+    return ext() is not None

@@ -1,0 +1,495 @@
+// edgelm's CPU kernels: weight-only int4/int8 GEMV-style matmuls for few rows (decode, batched
+// decode, speculative verify) and a whole-model decode step for Llama-family models.
+//
+// Why: torch's stock int4/int8 CPU kernels reach ~5 GB/s on AVX2 and a 30-layer model pays ~1,000
+// Python-dispatched ops per token (docs/profile-smollm2.md). Here activations are quantized to int16
+// per 32-block so each 32-weight block is two madd_epi16 dot products, and the decode step runs every
+// layer in one C++ call.
+//
+// Formats (edgelm/quant/primitives.py):
+//   int4 "blocks": qs (N, K/2) uint8; 32-weight block b of row n is bytes [16b, 16b+16) of row n,
+//     byte j = q[32b+j] | q[32b+j+16] << 4 (q in 0..15); sz (N, K/32, 2) bf16 (scale, zero) per block;
+//     W[n,k] = (q - 8) * scale + zero.
+//   int8: w (N, K) int8, scale (N,) bf16; W[n,k] = w * scale.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define EDGELM_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t QB = 32;  // activation quantization block (weights: one int4 block)
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+#ifdef EDGELM_AVX2
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef EDGELM_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  s = hsum(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {  // y += alpha * x
+  int64_t i = 0;
+#ifdef EDGELM_AVX2
+  __m256 va = _mm256_set1_ps(alpha);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// Activations, int16 per 32-block: x[m, k] ~= xs[m, b] * xq[m, k]; xss[m, b] = xs * sum(xq of block).
+// int16, not llama.cpp's int8: int8 rounding costs ~1% relative error per matmul, which over 30
+// layers flips SmolLM2's answers (it and llama.cpp answer "What is the capital of France?" with
+// "L'Étoile, ..."); int16 rounding is ~1e-5 and madd_epi16 costs about what maddubs does.
+struct QActs {
+  std::vector<int16_t> q;
+  std::vector<float> s, ss;
+  int64_t M = 0, K = 0;
+
+  void quantize(const float* x, int64_t M_, int64_t K_) {
+    M = M_, K = K_;
+    const int64_t nb = K / QB;
+    q.resize(M * K), s.resize(M * nb), ss.resize(M * nb);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + m * K + b * QB;
+        float amax = 0.f;
+        for (int64_t j = 0; j < QB; ++j) amax = std::max(amax, std::fabs(xb[j]));
+        const float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+        int sum = 0;
+        int16_t* qb = q.data() + m * K + b * QB;
+        for (int64_t j = 0; j < QB; ++j) {
+          const int v = static_cast<int>(std::nearbyint(xb[j] * id));
+          qb[j] = static_cast<int16_t>(v);
+          sum += v;
+        }
+        s[m * nb + b] = d;
+        ss[m * nb + b] = d * static_cast<float>(sum);
+      }
+    }
+  }
+};
+
+// Rows per parallel task: enough work to amortise the thread hand-off (~100 KB of weights).
+inline int64_t grain_rows(int64_t bytes_per_row) { return std::max<int64_t>(8, (96 << 10) / std::max<int64_t>(1, bytes_per_row)); }
+
+#ifdef EDGELM_AVX2
+// Eight blocks' int32x8 partial dot products -> one vector of the eight block sums (as floats).
+inline __m256 reduce8(const __m256i* p) {
+  const __m256i t0 = _mm256_hadd_epi32(p[0], p[1]), t1 = _mm256_hadd_epi32(p[2], p[3]);
+  const __m256i t2 = _mm256_hadd_epi32(p[4], p[5]), t3 = _mm256_hadd_epi32(p[6], p[7]);
+  const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+  const __m256i r = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+  return _mm256_cvtepi32_ps(r);
+}
+#endif
+
+#ifdef EDGELM_AVX2
+// dot of 32 int16 activations (two vectors) with 32 int16 weights (two vectors) -> int32x8
+inline __m256i dot32(__m256i w0, __m256i w1, const int16_t* x) {
+  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
+  return _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+}
+
+// a 16-byte int4 block -> its 32 codes as two int16x16 vectors (elements 0..15, 16..31)
+inline void unpack_block(const uint8_t* p, __m256i& w0, __m256i& w1) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4));
+  w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
+}
+#endif
+
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias) for rows n in [n0, n1), W int4 blocks with one
+// (scale, zero) per 32-block (sz (N, K/32, 2), group sizes > 32 expanded at load).
+// Per block: sum_j x_j ((q_j - 8) d + z) = xs d dot(q, xq) + (z - 8d) xs sum(xq).
+// Eight blocks at a time: their sums are reduced into one vector so that scales, zeros and the
+// activation scales are applied with vector ops (a scalar per-block epilogue costs ~2x the
+// instructions and leaves the kernel compute-bound far below the memory roofline).
+template <int MB>
+void q4_rows(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz, const float* bias, float* y, int64_t N,
+             int64_t n0, int64_t n1) {
+  const int64_t K = a.K, nb = K / QB;
+  const int16_t* xq = a.q.data() + m0 * K;
+  const float* xs = a.s.data() + m0 * nb;
+  const float* xss = a.ss.data() + m0 * nb;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wq = qs + n * (K / 2);
+    const uint16_t* szr = sz + n * nb * 2;
+    float tail[MB];
+    for (int m = 0; m < MB; ++m) tail[m] = 0.f;
+    int64_t b = 0;
+#ifdef EDGELM_AVX2
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (; b + 8 <= nb; b += 8) {
+      __m256i w0[8], w1[8];
+      for (int j = 0; j < 8; ++j) unpack_block(wq + (b + j) * 16, w0[j], w1[j]);
+      const __m256i dz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szr + 2 * b));  // (d, z) bf16 pairs
+      const __m256 d = _mm256_castsi256_ps(_mm256_slli_epi32(dz, 16));
+      const __m256 mn = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), d, _mm256_castsi256_ps(_mm256_and_si256(dz, hi_mask)));
+      for (int m = 0; m < MB; ++m) {
+        __m256i p[8];
+        for (int j = 0; j < 8; ++j) p[j] = dot32(w0[j], w1[j], xq + m * K + (b + j) * QB);
+        const __m256 f = _mm256_mul_ps(d, _mm256_loadu_ps(xs + m * nb + b));
+        acc[m] = _mm256_fmadd_ps(reduce8(p), f, acc[m]);
+        acc[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xss + m * nb + b), acc[m]);
+      }
+    }
+    for (; b < nb; ++b) {  // tail blocks, one at a time
+      const float d = bf16_to_float(szr[2 * b]), mn = bf16_to_float(szr[2 * b + 1]) - 8.f * d;
+      __m256i w0, w1;
+      unpack_block(wq + b * 16, w0, w1);
+      for (int m = 0; m < MB; ++m) {
+        const __m256i p = dot32(w0, w1, xq + m * K + b * QB);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[m * nb + b]), acc[m]);
+        tail[m] += mn * xss[m * nb + b];
+      }
+    }
+#endif
+    for (; b < nb; ++b) {  // the whole row without AVX2
+      const float d = bf16_to_float(szr[2 * b]), mn = bf16_to_float(szr[2 * b + 1]) - 8.f * d;
+      for (int m = 0; m < MB; ++m) {
+        const int16_t* xb = xq + m * K + b * QB;
+        int sum = 0;
+        for (int j = 0; j < 16; ++j) {
+          const uint8_t byte = wq[b * 16 + j];
+          sum += (byte & 15) * xb[j] + (byte >> 4) * xb[j + 16];
+        }
+        tail[m] += d * xs[m * nb + b] * sum + mn * xss[m * nb + b];
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      float v = tail[m];
+#ifdef EDGELM_AVX2
+      v += hsum(acc[m]);
+#endif
+      y[(m0 + m) * N + n] = v + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias), W int8 per output channel; eight blocks at a time
+// as in q4_rows.
+template <int MB>
+void q8_rows(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale, const float* bias, float* y,
+             int64_t N, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, nb = K / QB;
+  const int16_t* xq = a.q.data() + m0 * K;
+  const float* xs = a.s.data() + m0 * nb;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    float sums[MB];
+    for (int m = 0; m < MB; ++m) sums[m] = 0.f;
+    int64_t b = 0;
+#ifdef EDGELM_AVX2
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    auto widen = [&](int64_t blk, __m256i& w0, __m256i& w1) {
+      w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + blk * QB)));
+      w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + blk * QB + 16)));
+    };
+    for (; b + 8 <= nb; b += 8) {
+      __m256i w0[8], w1[8];
+      for (int j = 0; j < 8; ++j) widen(b + j, w0[j], w1[j]);
+      for (int m = 0; m < MB; ++m) {
+        __m256i p[8];
+        for (int j = 0; j < 8; ++j) p[j] = dot32(w0[j], w1[j], xq + m * K + (b + j) * QB);
+        acc[m] = _mm256_fmadd_ps(reduce8(p), _mm256_loadu_ps(xs + m * nb + b), acc[m]);
+      }
+    }
+    for (; b < nb; ++b) {  // tail blocks, one at a time
+      __m256i w0, w1;
+      widen(b, w0, w1);
+      for (int m = 0; m < MB; ++m) {
+        const __m256i p = dot32(w0, w1, xq + m * K + b * QB);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xs[m * nb + b]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) sums[m] = hsum(acc[m]);
+#endif
+    for (; b < nb; ++b) {
+      for (int m = 0; m < MB; ++m) {
+        int dotq = 0;
+        for (int j = 0; j < QB; ++j) dotq += wr[b * QB + j] * xq[m * K + b * QB + j];
+        sums[m] += xs[m * nb + b] * dotq;
+      }
+    }
+    const float sc = bf16_to_float(scale[n]);
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = sums[m] * sc + (bias ? bias[n] : 0.f);
+  }
+}
+
+// Dispatch rows of x in chunks of up to 4 for every output row range (weights read once per chunk
+// of 4 activation rows; the row's bytes stay in L1 across chunks).
+template <typename F4, typename F3, typename F2, typename F1>
+void for_row_chunks(int64_t M, F4 f4, F3 f3, F2 f2, F1 f1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) f4(m);
+  const int64_t rest = M - m;
+  if (rest == 3) f3(m);
+  if (rest == 2) f2(m);
+  if (rest == 1) f1(m);
+}
+
+struct Linear {
+  int kind = 0;  // 0 dense fp32 (w (N, K)), 1 int4 blocks, 2 int8 per channel
+  at::Tensor w, s, bias;
+  int64_t N = 0, K = 0;
+
+  // y (M, N) = x (M, K) @ W^T + bias; `a` holds x quantized when kind != 0.
+  void run(const float* x, int64_t M, QActs& a, float* y) const {
+    const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    if (kind == 0) {
+      auto xt = at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat);
+      auto yt = at::from_blob(y, {M, N}, at::kFloat);
+      if (bias.defined()) at::addmm_out(yt, bias, xt, w.t());
+      else at::mm_out(yt, xt, w.t());
+      return;
+    }
+    a.quantize(x, M, K);
+    if (kind == 1) {
+      const uint8_t* qs = w.data_ptr<uint8_t>();
+      const uint16_t* sz = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
+      at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t n0, int64_t n1) {
+        for_row_chunks(
+            M, [&](int64_t m) { q4_rows<4>(a, m, qs, sz, b, y, N, n0, n1); },
+            [&](int64_t m) { q4_rows<3>(a, m, qs, sz, b, y, N, n0, n1); },
+            [&](int64_t m) { q4_rows<2>(a, m, qs, sz, b, y, N, n0, n1); },
+            [&](int64_t m) { q4_rows<1>(a, m, qs, sz, b, y, N, n0, n1); });
+      });
+    } else {
+      const int8_t* wq = w.data_ptr<int8_t>();
+      const uint16_t* sc = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
+      at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
+        for_row_chunks(
+            M, [&](int64_t m) { q8_rows<4>(a, m, wq, sc, b, y, N, n0, n1); },
+            [&](int64_t m) { q8_rows<3>(a, m, wq, sc, b, y, N, n0, n1); },
+            [&](int64_t m) { q8_rows<2>(a, m, wq, sc, b, y, N, n0, n1); },
+            [&](int64_t m) { q8_rows<1>(a, m, wq, sc, b, y, N, n0, n1); });
+      });
+    }
+  }
+};
+
+void check_linear(const Linear& l) {
+  TORCH_CHECK(l.kind == 0 || l.K % QB == 0, "edgelm's int kernels need in_features divisible by 32, got ", l.K);
+  if (l.bias.defined()) TORCH_CHECK(l.bias.scalar_type() == at::kFloat && l.bias.is_contiguous(), "bias must be contiguous fp32");
+  if (l.kind == 0) {
+    TORCH_CHECK(l.w.scalar_type() == at::kFloat && l.w.dim() == 2, "dense weight must be 2-D fp32");
+  } else if (l.kind == 1) {
+    TORCH_CHECK(l.w.scalar_type() == at::kByte && l.w.is_contiguous() && l.w.size(1) * 2 == l.K, "int4 qs must be (N, K/2) uint8");
+    TORCH_CHECK(l.s.scalar_type() == at::kBFloat16 && l.s.is_contiguous() && l.s.numel() == l.N * (l.K / QB) * 2,
+                "int4 scales must be (N, K/32, 2) bf16 (one pair per 32-block)");
+  } else if (l.kind == 2) {
+    TORCH_CHECK(l.w.scalar_type() == at::kChar && l.w.is_contiguous() && l.w.size(1) == l.K, "int8 weight must be (N, K) int8");
+    TORCH_CHECK(l.s.scalar_type() == at::kBFloat16 && l.s.numel() == l.N, "int8 scales must be (N,) bf16");
+  } else {
+    TORCH_CHECK(false, "unknown linear kind ", l.kind);
+  }
+}
+
+Linear make_linear(int64_t kind, at::Tensor w, at::Tensor s, c10::optional<at::Tensor> bias) {
+  Linear l;
+  l.kind = static_cast<int>(kind), l.w = w, l.s = s;
+  l.N = w.size(0);
+  l.K = kind == 1 ? w.size(1) * 2 : w.size(1);
+  if (bias) l.bias = *bias;
+  check_linear(l);
+  return l;
+}
+
+// One-off matmul for the nn.Module path: x (..., K) fp32 -> (..., N) fp32.
+at::Tensor linear_forward(const Linear& l, at::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "edgelm kernels take fp32 activations");
+  auto x2 = x.reshape({-1, l.K}).contiguous();
+  const int64_t M = x2.size(0);
+  auto y = at::empty({M, l.N}, x.options());
+  QActs a;
+  {
+    pybind11::gil_scoped_release release;
+    l.run(x2.data_ptr<float>(), M, a, y.data_ptr<float>());
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = l.N;
+  return y.view(shape);
+}
+
+void rmsnorm(const float* x, const float* w, float eps, float* out, int64_t T, int64_t n) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * n;
+    const float inv = 1.f / std::sqrt(dot(xr, xr, n) / n + eps);
+    for (int64_t i = 0; i < n; ++i) out[t * n + i] = xr[i] * inv * w[i];
+  }
+}
+
+// Rotate-half RoPE on the first `rd` dims of one head vector, with this position's cos/sin row.
+void rope(float* v, const float* cs, const float* sn, int64_t rd) {
+  const int64_t h = rd / 2;
+  for (int64_t j = 0; j < h; ++j) {
+    const float x1 = v[j], x2 = v[j + h];
+    v[j] = x1 * cs[j] - x2 * sn[j];
+    v[j + h] = x2 * cs[j + h] + x1 * sn[j + h];
+  }
+}
+
+struct Layer {
+  Linear qkv, o, gate_up, down;
+  at::Tensor in_norm, post_norm;
+};
+
+// A Llama-family decoder run for few new tokens per row: x (B*L, hidden) embeddings in, final-norm
+// hidden states out. Row b's token i sits at position offsets[b] + i; its keys/values are written to
+// cache row b at that position and it attends to cache positions [0, offsets[b] + i].
+class LlamaDecoder {
+ public:
+  LlamaDecoder(std::vector<Linear> linears, std::vector<at::Tensor> norms, at::Tensor final_norm, int64_t H, int64_t Hkv,
+               int64_t D, int64_t rope_dim, double eps, double scale, double residual_multiplier)
+      : final_norm_(final_norm), H_(H), Hkv_(Hkv), D_(D), rd_(rope_dim), eps_(eps), scale_(scale), rmul_(residual_multiplier) {
+    TORCH_CHECK(linears.size() % 4 == 0 && norms.size() == linears.size() / 2, "4 linears and 2 norms per layer");
+    for (size_t i = 0; i < linears.size() / 4; ++i) {
+      layers_.push_back({linears[4 * i], linears[4 * i + 1], linears[4 * i + 2], linears[4 * i + 3], norms[2 * i].contiguous(),
+                         norms[2 * i + 1].contiguous()});
+    }
+    hidden_ = final_norm.numel();
+  }
+
+  at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor offsets, int64_t L, std::vector<at::Tensor> keys,
+                     std::vector<at::Tensor> values) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == hidden_, "x must be (B*L, hidden) fp32");
+    TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one key and value buffer per layer");
+    const int64_t T = x.size(0), B = T / L;
+    TORCH_CHECK(B * L == T && offsets.numel() == B, "offsets must hold one entry per row");
+    auto h = x.contiguous().clone();
+    auto off = offsets.to(at::kLong).contiguous();
+    auto cs = cos.contiguous(), sn = sin.contiguous();
+    TORCH_CHECK(cs.numel() == T * rd_ && sn.numel() == T * rd_, "cos/sin must be (B*L, rope_dim)");
+    {
+      pybind11::gil_scoped_release release;
+      for (size_t i = 0; i < layers_.size(); ++i) {
+        layer(layers_[i], h.data_ptr<float>(), T, L, off.data_ptr<int64_t>(), cs.data_ptr<float>(), sn.data_ptr<float>(), keys[i],
+              values[i]);
+      }
+      rmsnorm(h.data_ptr<float>(), final_norm_.data_ptr<float>(), eps_, h.data_ptr<float>(), T, hidden_);
+    }
+    return h;
+  }
+
+ private:
+  void layer(const Layer& ly, float* h, int64_t T, int64_t L, const int64_t* off, const float* cs, const float* sn,
+             at::Tensor& keys, at::Tensor& values) {
+    const int64_t n = hidden_, qd = H_ * D_, kvd = Hkv_ * D_, inter = ly.down.K;
+    xn_.resize(T * std::max(n, inter));
+    qkv_.resize(T * ly.qkv.N);
+    att_.resize(T * qd);
+    gu_.resize(T * ly.gate_up.N);
+    out_.resize(T * n);
+    rmsnorm(h, ly.in_norm.data_ptr<float>(), eps_, xn_.data(), T, n);
+    ly.qkv.run(xn_.data(), T, acts_, qkv_.data());
+    // RoPE on q and k, then append k/v to the cache.
+    float* K = keys.data_ptr<float>();
+    float* V = values.data_ptr<float>();
+    const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
+    const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = qkv_.data() + t * ly.qkv.N;
+      const int64_t b = t / L, pos = off[b] + t % L;
+      TORCH_CHECK(pos < keys.size(2), "KV cache too small for position ", pos);
+      if (rd_ > 0) {
+        for (int64_t hh = 0; hh < H_ + Hkv_; ++hh) rope(row + hh * D_, cs + t * rd_, sn + t * rd_, rd_);
+      }
+      for (int64_t g = 0; g < Hkv_; ++g) {
+        std::memcpy(K + b * ks0 + g * ks1 + pos * ks2, row + qd + g * D_, D_ * 4);
+        std::memcpy(V + b * vs0 + g * vs1 + pos * vs2, row + qd + kvd + g * D_, D_ * 4);
+      }
+    }
+    // Attention: one task per (token, query head); scores over the row's keys [0, pos].
+    const int64_t G = H_ / Hkv_;
+    at::parallel_for(0, T * H_, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> sc;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = i / H_, hh = i % H_, g = hh / G, b = t / L, S = off[b] + t % L + 1;
+        const float* q = qkv_.data() + t * ly.qkv.N + hh * D_;
+        const float* Kb = K + b * ks0 + g * ks1;
+        const float* Vb = V + b * vs0 + g * vs1;
+        sc.resize(S);
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < S; ++s) {
+          sc[s] = dot(q, Kb + s * ks2, D_) * static_cast<float>(scale_);
+          mx = std::max(mx, sc[s]);
+        }
+        float denom = 0.f;
+        for (int64_t s = 0; s < S; ++s) denom += (sc[s] = std::exp(sc[s] - mx));
+        float* o = att_.data() + t * qd + hh * D_;
+        std::fill(o, o + D_, 0.f);
+        const float inv = 1.f / denom;
+        for (int64_t s = 0; s < S; ++s) axpy(sc[s] * inv, Vb + s * vs2, o, D_);
+      }
+    });
+    ly.o.run(att_.data(), T, acts_, out_.data());
+    const float r = static_cast<float>(rmul_);
+    for (int64_t i = 0; i < T * n; ++i) h[i] += r * out_[i];
+    rmsnorm(h, ly.post_norm.data_ptr<float>(), eps_, xn_.data(), T, n);
+    ly.gate_up.run(xn_.data(), T, acts_, gu_.data());
+    for (int64_t t = 0; t < T; ++t) {  // silu(gate) * up, written over xn_ (T, inter)
+      const float* gr = gu_.data() + t * 2 * inter;
+      float* a = xn_.data() + t * inter;
+      for (int64_t j = 0; j < inter; ++j) a[j] = gr[j] / (1.f + std::exp(-gr[j])) * gr[inter + j];
+    }
+    ly.down.run(xn_.data(), T, acts_, out_.data());
+    for (int64_t i = 0; i < T * n; ++i) h[i] += r * out_[i];
+  }
+
+  std::vector<Layer> layers_;
+  at::Tensor final_norm_;
+  int64_t H_, Hkv_, D_, rd_, hidden_;
+  double eps_, scale_, rmul_;
+  QActs acts_;
+  std::vector<float> xn_, qkv_, att_, gu_, out_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Linear>(m, "Linear").def_readonly("N", &Linear::N).def_readonly("K", &Linear::K).def_readonly("kind", &Linear::kind);
+  m.def("make_linear", &make_linear, "kind 0 dense / 1 int4 blocks / 2 int8; (w, s, bias)");
+  m.def("linear", &linear_forward, "x (..., K) fp32 -> (..., N) fp32");
+  pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")
+      .def(pybind11::init<std::vector<Linear>, std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, int64_t, double,
+                          double, double>())
+      .def("forward", &LlamaDecoder::forward);
+#ifdef EDGELM_AVX2
+  m.attr("isa") = "avx2";
+#else
+  m.attr("isa") = "scalar";
+#endif
+}

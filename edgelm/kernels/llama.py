@@ -1,0 +1,174 @@
+"""The fast decode step for Llama-family models: every layer in one C++ call (`cpu.cpp`).
+
+The module path (`models/llama.py`) stays the reference and the fallback. The fast step runs when
+a forward feeds few new tokens (decode, batched decode, speculative verify: B * L <= MAX_ROWS),
+without autograd, on a model whose pieces it knows: fused qkv and gate/up projections, SiLU, plain
+RMSNorm, rotary or no position embedding, dense fp32 / int4 ("blocks" layout) / int8 linears, full
+attention over a KV cache it can write into. Anything else (sliding windows, sparse attention,
+q/k norms, left padding, bf16 caches, ...) returns None and the module path runs.
+
+Per token it saves the ~1,000 Python-dispatched ops of a 30-layer model (docs/profile-smollm2.md);
+tests/test_kernels.py checks it against the module path.
+"""
+
+import weakref
+
+import torch
+from torch import nn
+
+from edgelm import kernels
+from edgelm.cache import KVCache
+from edgelm.quant.linear import Int4Linear, Int8Linear
+
+MAX_ROWS = 16  # B * L above this: prefill, where the module path's GEMMs win
+# model -> (key, C++ decoder or None); outside the model so that deepcopy/pickle never see it
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _linear_spec(m: nn.Module):
+    """(kind, weight, scales, bias) for the C++ Linear, or None when it cannot run `m`."""
+    bias = None if m.bias is None else m.bias.detach().float().contiguous()
+    if type(m) is nn.Linear and m.weight.dtype == torch.float32:
+        return 0, m.weight.detach(), torch.empty(0), bias
+    if isinstance(m, Int4Linear) and m.layout == "blocks":
+        return 1, m.packed, m.block_sz, bias
+    if isinstance(m, Int8Linear) and m.in_features % 32 == 0:
+        return 2, m.qweight, m.scales, bias
+    return None
+
+
+def _layer_parts(layer) -> tuple[list, list] | None:
+    from edgelm.models.llama import DecoderLayer
+
+    if type(layer) is not DecoderLayer:
+        return None
+    attn, mlp = layer.self_attn, layer.mlp
+    ok = (
+        attn.qkv_proj is not None
+        and attn.q_norm is None
+        and attn.window is None
+        and attn.softcap is None
+        and attn.sparse is None
+        and getattr(mlp, "gate_up_proj", None) is not None
+        and mlp.act is torch.nn.functional.silu
+        and not layer.input_layernorm.offset
+        and not layer.post_attention_layernorm.offset
+    )
+    if not ok:
+        return None
+    specs = [_linear_spec(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    if any(s is None for s in specs):
+        return None
+    norms = [layer.input_layernorm.weight.detach().float(), layer.post_attention_layernorm.weight.detach().float()]
+    return specs, norms
+
+
+def _key(model) -> tuple:
+    """What invalidates a built decoder: swapped modules (quantize, fuse, sparse) or new buffers."""
+    first, last = model.layers[0], model.layers[-1]
+    parts = []
+    for layer in (first, last):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = attn.qkv_proj
+        w = getattr(qkv, "packed", None) if qkv is not None else None
+        if w is None and qkv is not None:
+            w = getattr(qkv, "qweight", None) if not isinstance(qkv, nn.Linear) else qkv.weight
+        parts += [id(qkv), id(attn.o_proj), id(getattr(mlp, "gate_up_proj", None)), id(mlp.down_proj)]
+        parts += [attn.sparse is not None, None if w is None else w.data_ptr()]
+    return (len(model.layers), *parts)
+
+
+def build(model):
+    """A C++ LlamaDecoder for `model`, or None when the kernels or the model do not allow one."""
+    ext = kernels.ext()
+    if ext is None or not hasattr(model, "layers") or not len(model.layers):
+        return None
+    linears, norms = [], []
+    for layer in model.layers:
+        parts = _layer_parts(layer)
+        if parts is None:
+            return None
+        linears += [ext.make_linear(*spec) for spec in parts[0]]
+        norms += parts[1]
+    attn = model.layers[0].self_attn
+    rope_dim = attn.rope.dim if attn.rope is not None else 0
+    if any(layer.self_attn.rope is not attn.rope for layer in model.layers):
+        return None
+    norm = model.model.norm
+    if norm.offset or norm.eps != model.layers[0].input_layernorm.eps:
+        return None
+    return ext.LlamaDecoder(
+        linears,
+        norms,
+        norm.weight.detach().float().contiguous(),
+        attn.num_heads,
+        attn.num_kv_heads,
+        attn.head_dim,
+        rope_dim,
+        float(norm.eps),
+        float(attn.scale),
+        float(model.layers[0].residual_multiplier),
+    )
+
+
+def _cache_buffers(cache, B: int, L: int, like: torch.Tensor, shape: tuple[int, int]):
+    """(keys, values, per-row offsets (B,)) to write this forward into, capacity ensured; None if
+    the cache is not a kind the fast step can write. Also returns a commit callback."""
+    from edgelm.engine.runner import _RowsView, _SlotView
+
+    Hkv, D = shape
+    if type(cache) is KVCache:
+        if cache.left_pad is not None:
+            return None
+        cache.reserve(B, Hkv, D, cache.offset + L, like)
+        if cache.keys.dtype != torch.float32 or cache.keys.shape[0] != B:
+            return None
+        offsets = torch.full((B,), cache.offset, dtype=torch.long)
+        return cache.keys, cache.values, offsets, cache.advance
+    if type(cache) is _SlotView:
+        s = cache.slot
+        if cache.keys.dtype != torch.float32 or cache.offset + L > cache.keys.shape[2]:
+            return None
+        offsets = torch.full((B,), cache.offset, dtype=torch.long)
+        return cache.keys[s : s + 1], cache.values[s : s + 1], offsets, None
+    if type(cache) is _RowsView:
+        if cache.keys.dtype != torch.float32 or cache.offset + L > cache.keys.shape[2]:
+            return None
+        return cache.keys[:B], cache.values[:B], cache.row_offsets, None
+    return None
+
+
+def hidden_states(model, tokens: torch.Tensor, cache, ctx):
+    """The fast step's final-norm hidden states (B, L, hidden), or None to take the module path."""
+    B, L = tokens.shape
+    if B * L > MAX_ROWS or not cache or ctx.left_pad is not None or torch.is_grad_enabled():
+        return None
+    if getattr(model, "fast_decode", True) is False or not kernels.enabled():
+        return None
+    key = _key(model)
+    cached = _DECODERS.get(model)
+    if cached is None or cached[0] != key:
+        cached = _DECODERS[model] = (key, build(model))
+    decoder = cached[1]
+    if decoder is None:
+        return None
+    attn = model.layers[0].self_attn
+    h = model.model.embed_tokens(tokens)
+    if h.dtype != torch.float32:
+        return None
+    buffers = [_cache_buffers(c, B, L, h, (attn.num_kv_heads, attn.head_dim)) for c in cache]
+    if any(b is None for b in buffers):
+        return None
+    if model.config.embedding_multiplier != 1.0:
+        h = h * model.config.embedding_multiplier
+    if attn.rope is not None:
+        cos, sin = ctx.rope(attn.rope)  # (B, 1, L, rope_dim)
+        cos, sin = cos.reshape(B * L, -1), sin.reshape(B * L, -1)
+    else:
+        cos = sin = torch.empty(0)
+    keys, values, offsets = [b[0] for b in buffers], [b[1] for b in buffers], buffers[0][2]
+    out = decoder.forward(h.reshape(B * L, -1), cos, sin, offsets, L, keys, values)
+    for b in buffers:
+        if b[3] is not None:
+            b[3](L)
+    return out.view(B, L, -1)

@@ -1,0 +1,158 @@
+"""edgelm's C++ kernels (edgelm/kernels) against their plain references.
+
+- int4 ("blocks") and int8 matmuls == the same maths in float64 on the int16-rounded activations
+  (exact up to fp32 summation order), and within 1e-4 of the unrounded dequantized reference;
+- the fast decode step == the module path to fp32 rounding (stories260K, SmolLM2 dense and as its
+  int4/int8 GGUF) for decode, multi-token verify, a batch, and the engine's per-row offsets;
+- it stands aside (module path) for what it does not implement.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgelm import kernels, load
+from edgelm.engine.runner import SlotKVCache, attention_shapes
+from edgelm.kernels import llama as fast
+from edgelm.layers.sparse_attention import SparseConfig
+from edgelm.quant.linear import Int4Linear, Int8Linear
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not kernels.available(), reason="edgelm's C++ kernels did not build here"),
+]
+
+SMOL = "/work/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' int16 rounding of x (M, K) per 32-block, dequantized: the same fp32 steps as
+    cpu.cpp (d = amax / 32767, q = round-half-even(x * (1 / d)))."""
+    M, K = x.shape
+    xb = x.reshape(M, K // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 32767
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv) * d).reshape(M, K)
+
+
+def make(kind: str, N: int, K: int, bias: bool):
+    linear = torch.nn.Linear(K, N, bias=bias)
+    if kind == "int8":
+        return Int8Linear.from_float(linear)
+    return Int4Linear.from_float(linear, int(kind[6:]), symmetric=False)  # "int4_g64"
+
+
+@pytest.mark.parametrize("kind", ["int4_g32", "int4_g64", "int4_g128", "int8"])
+@pytest.mark.parametrize("K", [128, 576, 1536, 352])  # 4, 18 (8 + 8 + 2 tail), 48, 11 blocks
+@pytest.mark.parametrize("M", [1, 3, 4, 9])
+def test_matmul_equals_reference_on_rounded_activations(kind, K, M):
+    if kind != "int8" and K % int(kind[6:]):
+        pytest.skip("group does not divide K")
+    m = make(kind, 80, K, bias=True)
+    assert kind == "int8" or m.layout == "blocks"
+    x = torch.randn(M, K) * torch.linspace(0.1, 3, K)  # uneven magnitudes across blocks
+    y = m.kernel(x)
+    w = m.dequantize().double()
+    exact = rounded_activations(x).double() @ w.T + m.bias.double()
+    assert (y.double() - exact).abs().max() / exact.abs().max() < 1e-5
+    ref = x.double() @ w.T + m.bias.double()
+    assert (y.double() - ref).norm() / ref.norm() < 1e-4
+
+
+def test_zero_and_constant_blocks():
+    m = make("int4_g32", 64, 96, bias=False)
+    x = torch.zeros(2, 96)
+    x[1, 32:64] = 0.5  # one constant block, two all-zero blocks
+    exact = rounded_activations(x).double() @ m.dequantize().double().T
+    assert torch.allclose(m.kernel(x).double(), exact, atol=1e-5)
+
+
+def step_pair(model, tokens, caches):
+    """The same forward through the module path and the fast step, each on its own cache."""
+    model.fast_decode = False
+    ref = model(tokens, caches[0])
+    model.fast_decode = True
+    out = model(tokens, caches[1])
+    return ref, out
+
+
+@torch.inference_mode()
+def check_paths_agree(model, prompt: list[int], tol: float = 1e-4):
+    """Logits of both paths within `tol` x max|logit| over decode steps and a 4-token verify."""
+    caches = [model.make_cache(), model.make_cache()]
+    model.fast_decode = False
+    for c in caches:
+        model(torch.tensor([prompt]), c)
+    for t in [7, 11, 13]:  # decode
+        ref, out = step_pair(model, torch.tensor([[t]]), caches)
+        assert (out - ref).abs().max() < tol * ref.abs().max()
+    ref, out = step_pair(model, torch.tensor([[3, 5, 8, 2]]), caches)  # a speculative verify
+    assert (out - ref).abs().max() < tol * ref.abs().max()
+    assert caches[0][0].offset == caches[1][0].offset == len(prompt) + 7
+    assert fast.hidden_states(model, torch.tensor([[1]]), caches[1], _ctx(caches[1], 1)) is not None
+
+
+def _ctx(cache, L):
+    from edgelm.layers.attention import ForwardContext
+
+    return ForwardContext.make(torch.zeros(1, L, dtype=torch.long), cache[0].offset, None)
+
+
+def test_fast_step_equals_module_path_dense_stories(stories):
+    check_paths_agree(stories.fuse(), [1, 403, 407, 261, 124])
+
+
+def test_fast_step_equals_module_path_dense_smollm2():
+    check_paths_agree(load(SMOL, dequantize=True), [1, 504, 3458, 282, 260, 1345])
+
+
+@torch.inference_mode()
+def test_fast_step_equals_module_path_quantized_gguf():
+    """int4/int8 GGUF weights: both paths run the same kernels, but fp32 differences of ~1e-7
+    (norms, attention) can flip an int16 rounding of an activation: ~1e-4 relative (measured)."""
+    check_paths_agree(load(SMOL), [1, 504, 3458, 282, 260, 1345], tol=1e-3)
+
+
+@torch.inference_mode()
+def test_fast_step_batch_and_engine_rows(stories):
+    model = stories.fuse()
+    prompts = [[1, 403, 407, 261], [1, 92, 73, 22, 5, 9, 12], [1, 50]]
+    # a uniform batch of 2
+    caches = [model.make_cache(), model.make_cache()]
+    model.fast_decode = False
+    for c in caches:
+        model(torch.tensor([prompts[0], prompts[0][::-1]]), c)
+    ref, out = step_pair(model, torch.tensor([[5], [6]]), caches)
+    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+    # the engine's slots: rows at different offsets in one decode forward
+    results = []
+    for use_fast in (False, True):
+        cache = SlotKVCache(attention_shapes(model), 4, torch.float32, 64)
+        for p in prompts:
+            s = cache.add_slot()
+            cache.reserve(len(p))
+            model.fast_decode = use_fast
+            model(torch.tensor([p]), cache.slot_view(s))
+            cache.lengths[s] = len(p)
+        cache.reserve(max(cache.lengths) + 1)
+        results.append(model(torch.tensor([[4], [7], [9]]), cache.rows_view()))
+    assert (results[1] - results[0]).abs().max() < 1e-4 * results[0].abs().max()
+
+
+@torch.inference_mode()
+def test_fast_step_stands_aside(stories):
+    model = stories.fuse()
+    cache = model.make_cache()
+    model(torch.tensor([[1, 2, 3]]), cache)
+    tokens = torch.tensor([[4]])
+    assert fast.hidden_states(model, tokens, cache, _ctx(cache, 1)) is not None
+    long = torch.zeros(1, fast.MAX_ROWS + 1, dtype=torch.long)
+    assert fast.hidden_states(model, long, cache, _ctx(cache, long.shape[1])) is None  # prefill
+    with torch.enable_grad():
+        assert fast.hidden_states(model, tokens, cache, _ctx(cache, 1)) is None  # training
+    model.set_sparse_attention(SparseConfig(dense_len=64))
+    sparse_cache = model.make_cache()
+    model(torch.tensor([[1, 2, 3]]), sparse_cache)
+    assert fast.hidden_states(model, tokens, sparse_cache, _ctx(sparse_cache, 1)) is None
+    model.set_sparse_attention(None)
+    assert fast.hidden_states(model, tokens, cache, _ctx(cache, 1)) is not None  # rebuilt
