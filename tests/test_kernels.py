@@ -98,8 +98,10 @@ def _ctx(cache, L):
     return ForwardContext.make(torch.zeros(1, L, dtype=torch.long), cache[0].offset, None)
 
 
-def test_fast_step_equals_module_path_dense_stories(stories):
-    check_paths_agree(stories.fuse(), [1, 403, 407, 261, 124])
+@pytest.mark.parametrize("prompt_len", [5, 150])  # attention's vector loops and their tails
+def test_fast_step_equals_module_path_dense_stories(stories, prompt_len):
+    prompt = [1] + torch.randint(3, 512, (prompt_len - 1,), generator=torch.Generator().manual_seed(1)).tolist()
+    check_paths_agree(stories.fuse(), prompt)
 
 
 def test_fast_step_equals_module_path_dense_smollm2():
@@ -156,3 +158,29 @@ def test_fast_step_stands_aside(stories):
     assert fast.hidden_states(model, tokens, sparse_cache, _ctx(sparse_cache, 1)) is None
     model.set_sparse_attention(None)
     assert fast.hidden_states(model, tokens, cache, _ctx(cache, 1)) is not None  # rebuilt
+
+
+TINY = dict(
+    vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512,
+)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(model_type="qwen2", rope_theta=1e6),  # q/k/v biases
+        dict(model_type="llama", head_dim=32, partial_rotary_factor=0.5,  # partial rotary, llama3 scaling
+             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=64)),
+        dict(model_type="granite", embedding_multiplier=12.0, residual_multiplier=0.22,
+             attention_multiplier=0.015625, logits_scaling=8.0),  # μP multipliers
+    ],
+    ids=["qwen2-bias", "partial-llama3-rope", "granite-mup"],
+)
+def test_fast_step_on_config_variants(extra):
+    from edgelm.models import build_model
+    from edgelm.profiler.bench import randomize_
+
+    model = randomize_(build_model({**TINY, **extra}).float()).fuse()
+    check_paths_agree(model, list(range(1, 40)))

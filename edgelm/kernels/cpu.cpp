@@ -64,6 +64,69 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {  // y += al
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+#ifdef EDGELM_AVX2
+// exp(x) for x <= 0 (softmax after subtracting the max), Cephes-style: 2^n * p(r), |rel err| < 2e-7.
+inline __m256 exp_neg(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// sc[0..S) = exp(sc - max(sc)); returns their sum.
+inline float softmax_numerators(float* sc, int64_t S) {
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) mx = std::max(mx, sc[s]);
+  float sum = 0.f;
+  int64_t s = 0;
+#ifdef EDGELM_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 vmx = _mm256_set1_ps(mx);
+  for (; s + 8 <= S; s += 8) {
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sc + s), vmx));
+    _mm256_storeu_ps(sc + s, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum(acc);
+#endif
+  for (; s < S; ++s) sum += (sc[s] = std::exp(sc[s] - mx));
+  return sum;
+}
+
+// One query head over S keys/values (rows `stride` floats apart): o = softmax(q K^T * scale) V.
+template <int DV>  // D / 8 when D is 64 or 128 (accumulators in registers), 0 = any D
+void attend_head(const float* q, const float* Kb, const float* Vb, int64_t kstride, int64_t vstride, int64_t S,
+                 int64_t D, float scale, float* sc, float* o) {
+  for (int64_t s = 0; s < S; ++s) sc[s] = dot(q, Kb + s * kstride, D) * scale;
+  const float inv = 1.f / softmax_numerators(sc, S);
+#ifdef EDGELM_AVX2
+  if constexpr (DV > 0) {
+    __m256 acc[DV];
+    for (int j = 0; j < DV; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      const __m256 p = _mm256_set1_ps(sc[s]);
+      const float* v = Vb + s * vstride;
+      for (int j = 0; j < DV; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    }
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int j = 0; j < DV; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], vinv));
+    return;
+  }
+#endif
+  std::fill(o, o + D, 0.f);
+  for (int64_t s = 0; s < S; ++s) axpy(sc[s] * inv, Vb + s * vstride, o, D);
+}
+
 // Activations, int16 per 32-block: x[m, k] ~= xs[m, b] * xq[m, k]; xss[m, b] = xs * sum(xq of block).
 // int16, not llama.cpp's int8: int8 rounding costs ~1% relative error per matmul, which over 30
 // layers flips SmolLM2's answers (it and llama.cpp answer "What is the capital of France?" with
@@ -121,10 +184,10 @@ inline __m256i dot32(__m256i w0, __m256i w1, const int16_t* x) {
 
 // a 16-byte int4 block -> its 32 codes as two int16x16 vectors (elements 0..15, 16..31)
 inline void unpack_block(const uint8_t* p, __m256i& w0, __m256i& w1) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i m4 = _mm_set1_epi8(0x0F);
-  w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4));
-  w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
+  // widen each byte (lo | hi << 4) to int16 once, then split: lo = v & 15, hi = v >> 4
+  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  w0 = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+  w1 = _mm256_srli_epi16(v, 4);
 }
 #endif
 
@@ -352,13 +415,13 @@ void rmsnorm(const float* x, const float* w, float eps, float* out, int64_t T, i
   }
 }
 
-// Rotate-half RoPE on the first `rd` dims of one head vector, with this position's cos/sin row.
-void rope(float* v, const float* cs, const float* sn, int64_t rd) {
-  const int64_t h = rd / 2;
-  for (int64_t j = 0; j < h; ++j) {
-    const float x1 = v[j], x2 = v[j + h];
+// Rotate-half RoPE on the first 2 * half dims of one head vector: pairs (j, j + half) turn by the
+// angle whose (scaled) cos/sin are cs[j], sn[j] (HF's cos/sin tables repeat each angle twice).
+void rope(float* v, const float* cs, const float* sn, int64_t half) {
+  for (int64_t j = 0; j < half; ++j) {
+    const float x1 = v[j], x2 = v[j + half];
     v[j] = x1 * cs[j] - x2 * sn[j];
-    v[j + h] = x2 * cs[j + h] + x1 * sn[j + h];
+    v[j + half] = x2 * cs[j] + x1 * sn[j];
   }
 }
 
@@ -383,21 +446,31 @@ class LlamaDecoder {
     hidden_ = final_norm.numel();
   }
 
-  at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor offsets, int64_t L, std::vector<at::Tensor> keys,
-                     std::vector<at::Tensor> values) {
+  // x (B*L, hidden) embeddings; inv_freq (rope_dim / 2,) the RoPE frequencies for this call and
+  // rope_scale their cos/sin factor (YaRN/LongRoPE); offsets (B,) each row's cached length.
+  at::Tensor forward(at::Tensor x, at::Tensor inv_freq, double rope_scale, at::Tensor offsets, int64_t L,
+                     std::vector<at::Tensor> keys, std::vector<at::Tensor> values) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == hidden_, "x must be (B*L, hidden) fp32");
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one key and value buffer per layer");
-    const int64_t T = x.size(0), B = T / L;
+    const int64_t T = x.size(0), B = T / L, half = rd_ / 2;
     TORCH_CHECK(B * L == T && offsets.numel() == B, "offsets must hold one entry per row");
     auto h = x.contiguous().clone();
     auto off = offsets.to(at::kLong).contiguous();
-    auto cs = cos.contiguous(), sn = sin.contiguous();
-    TORCH_CHECK(cs.numel() == T * rd_ && sn.numel() == T * rd_, "cos/sin must be (B*L, rope_dim)");
+    auto inv = inv_freq.to(at::kFloat).contiguous();
+    TORCH_CHECK(inv.numel() == half, "inv_freq must hold rope_dim / 2 frequencies");
+    std::vector<float> cs(T * half), sn(T * half);  // the angle of pair j at each token's position
+    for (int64_t t = 0; t < T; ++t) {
+      const float pos = static_cast<float>(off.data_ptr<int64_t>()[t / L] + t % L);
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = pos * inv.data_ptr<float>()[j];  // fp32, as RoPE.forward computes it
+        cs[t * half + j] = std::cos(a) * static_cast<float>(rope_scale);
+        sn[t * half + j] = std::sin(a) * static_cast<float>(rope_scale);
+      }
+    }
     {
       pybind11::gil_scoped_release release;
       for (size_t i = 0; i < layers_.size(); ++i) {
-        layer(layers_[i], h.data_ptr<float>(), T, L, off.data_ptr<int64_t>(), cs.data_ptr<float>(), sn.data_ptr<float>(), keys[i],
-              values[i]);
+        layer(layers_[i], h.data_ptr<float>(), T, L, off.data_ptr<int64_t>(), cs.data(), sn.data(), keys[i], values[i]);
       }
       rmsnorm(h.data_ptr<float>(), final_norm_.data_ptr<float>(), eps_, h.data_ptr<float>(), T, hidden_);
     }
@@ -425,7 +498,7 @@ class LlamaDecoder {
       const int64_t b = t / L, pos = off[b] + t % L;
       TORCH_CHECK(pos < keys.size(2), "KV cache too small for position ", pos);
       if (rd_ > 0) {
-        for (int64_t hh = 0; hh < H_ + Hkv_; ++hh) rope(row + hh * D_, cs + t * rd_, sn + t * rd_, rd_);
+        for (int64_t hh = 0; hh < H_ + Hkv_; ++hh) rope(row + hh * D_, cs + t * (rd_ / 2), sn + t * (rd_ / 2), rd_ / 2);
       }
       for (int64_t g = 0; g < Hkv_; ++g) {
         std::memcpy(K + b * ks0 + g * ks1 + pos * ks2, row + qd + g * D_, D_ * 4);
@@ -434,6 +507,7 @@ class LlamaDecoder {
     }
     // Attention: one task per (token, query head); scores over the row's keys [0, pos].
     const int64_t G = H_ / Hkv_;
+    const float sc_scale = static_cast<float>(scale_);
     at::parallel_for(0, T * H_, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> sc;
       for (int64_t i = i0; i < i1; ++i) {
@@ -441,18 +515,11 @@ class LlamaDecoder {
         const float* q = qkv_.data() + t * ly.qkv.N + hh * D_;
         const float* Kb = K + b * ks0 + g * ks1;
         const float* Vb = V + b * vs0 + g * vs1;
-        sc.resize(S);
-        float mx = -INFINITY;
-        for (int64_t s = 0; s < S; ++s) {
-          sc[s] = dot(q, Kb + s * ks2, D_) * static_cast<float>(scale_);
-          mx = std::max(mx, sc[s]);
-        }
-        float denom = 0.f;
-        for (int64_t s = 0; s < S; ++s) denom += (sc[s] = std::exp(sc[s] - mx));
         float* o = att_.data() + t * qd + hh * D_;
-        std::fill(o, o + D_, 0.f);
-        const float inv = 1.f / denom;
-        for (int64_t s = 0; s < S; ++s) axpy(sc[s] * inv, Vb + s * vs2, o, D_);
+        sc.resize(S);
+        if (D_ == 64) attend_head<8>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
+        else if (D_ == 128) attend_head<16>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
+        else attend_head<0>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
       }
     });
     ly.o.run(att_.data(), T, acts_, out_.data());

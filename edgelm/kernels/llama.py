@@ -64,18 +64,13 @@ def _layer_parts(layer) -> tuple[list, list] | None:
 
 
 def _key(model) -> tuple:
-    """What invalidates a built decoder: swapped modules (quantize, fuse, sparse) or new buffers."""
+    """What invalidates a built decoder: swapped modules (quantize, fuse, sparse) or new buffers
+    (checked on the first and last layers: those edits touch every layer)."""
     first, last = model.layers[0], model.layers[-1]
-    parts = []
-    for layer in (first, last):
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = attn.qkv_proj
-        w = getattr(qkv, "packed", None) if qkv is not None else None
-        if w is None and qkv is not None:
-            w = getattr(qkv, "qweight", None) if not isinstance(qkv, nn.Linear) else qkv.weight
-        parts += [id(qkv), id(attn.o_proj), id(getattr(mlp, "gate_up_proj", None)), id(mlp.down_proj)]
-        parts += [attn.sparse is not None, None if w is None else w.data_ptr()]
-    return (len(model.layers), *parts)
+    qkv = first.self_attn.qkv_proj
+    w = None if qkv is None else getattr(qkv, "packed", getattr(qkv, "qweight", getattr(qkv, "weight", None)))
+    return (len(model.layers), id(qkv), id(last.mlp.down_proj), id(last.self_attn.o_proj),
+            first.self_attn.sparse is not None, None if w is None else w.data_ptr())
 
 
 def build(model):
@@ -111,31 +106,38 @@ def build(model):
     )
 
 
-def _cache_buffers(cache, B: int, L: int, like: torch.Tensor, shape: tuple[int, int]):
-    """(keys, values, per-row offsets (B,)) to write this forward into, capacity ensured; None if
-    the cache is not a kind the fast step can write. Also returns a commit callback."""
-    from edgelm.engine.runner import _RowsView, _SlotView
+_VIEWS: tuple = ()  # the engine's cache views, imported on first use (edgelm.engine imports a lot)
 
-    Hkv, D = shape
-    if type(cache) is KVCache:
-        if cache.left_pad is not None:
+
+def _cache_plan(cache: list, B: int, L: int, like: torch.Tensor, shape: tuple[int, int]):
+    """(keys, values, per-row offsets (B,), commit) for every layer's cache, capacity ensured, or
+    None when the caches are not a kind the fast step writes (fp32 KVCache, the engine's views)."""
+    global _VIEWS
+    if not _VIEWS:
+        from edgelm.engine.runner import _RowsView, _SlotView
+
+        _VIEWS = (_SlotView, _RowsView)
+    kind, first = type(cache[0]), cache[0]
+    if any(type(c) is not kind for c in cache):
+        return None
+    if kind is KVCache:
+        if first.left_pad is not None:
             return None
-        cache.reserve(B, Hkv, D, cache.offset + L, like)
-        if cache.keys.dtype != torch.float32 or cache.keys.shape[0] != B:
+        end = first.offset + L
+        for c in cache:
+            if c.keys is None or end > c.keys.shape[2]:
+                c.reserve(B, *shape, end, like)
+        if first.keys.dtype != torch.float32 or first.keys.shape[0] != B:
             return None
-        offsets = torch.full((B,), cache.offset, dtype=torch.long)
-        return cache.keys, cache.values, offsets, cache.advance
-    if type(cache) is _SlotView:
-        s = cache.slot
-        if cache.keys.dtype != torch.float32 or cache.offset + L > cache.keys.shape[2]:
-            return None
-        offsets = torch.full((B,), cache.offset, dtype=torch.long)
-        return cache.keys[s : s + 1], cache.values[s : s + 1], offsets, None
-    if type(cache) is _RowsView:
-        if cache.keys.dtype != torch.float32 or cache.offset + L > cache.keys.shape[2]:
-            return None
-        return cache.keys[:B], cache.values[:B], cache.row_offsets, None
-    return None
+        offsets = torch.full((B,), first.offset, dtype=torch.long)
+        return [c.keys for c in cache], [c.values for c in cache], offsets, lambda: [c.advance(L) for c in cache]
+    if kind not in _VIEWS or first.keys.dtype != torch.float32 or first.offset + L > first.keys.shape[2]:
+        return None
+    if kind is _VIEWS[0]:  # one engine slot (prefill chunk)
+        s = first.slot
+        offsets = torch.full((B,), first.offset, dtype=torch.long)
+        return [c.keys[s : s + 1] for c in cache], [c.values[s : s + 1] for c in cache], offsets, None
+    return [c.keys[:B] for c in cache], [c.values[:B] for c in cache], first.row_offsets, None  # slots [0, B)
 
 
 def hidden_states(model, tokens: torch.Tensor, cache, ctx):
@@ -143,7 +145,7 @@ def hidden_states(model, tokens: torch.Tensor, cache, ctx):
     B, L = tokens.shape
     if B * L > MAX_ROWS or not cache or ctx.left_pad is not None or torch.is_grad_enabled():
         return None
-    if getattr(model, "fast_decode", True) is False or not kernels.enabled():
+    if model.__dict__.get("fast_decode", True) is False or not kernels.enabled():
         return None
     key = _key(model)
     cached = _DECODERS.get(model)
@@ -156,19 +158,18 @@ def hidden_states(model, tokens: torch.Tensor, cache, ctx):
     h = model.model.embed_tokens(tokens)
     if h.dtype != torch.float32:
         return None
-    buffers = [_cache_buffers(c, B, L, h, (attn.num_kv_heads, attn.head_dim)) for c in cache]
-    if any(b is None for b in buffers):
+    plan = _cache_plan(cache, B, L, h, (attn.num_kv_heads, attn.head_dim))
+    if plan is None:
         return None
+    keys, values, offsets, commit = plan
     if model.config.embedding_multiplier != 1.0:
         h = h * model.config.embedding_multiplier
-    if attn.rope is not None:
-        cos, sin = ctx.rope(attn.rope)  # (B, 1, L, rope_dim)
-        cos, sin = cos.reshape(B * L, -1), sin.reshape(B * L, -1)
-    else:
-        cos = sin = torch.empty(0)
-    keys, values, offsets = [b[0] for b in buffers], [b[1] for b in buffers], buffers[0][2]
-    out = decoder.forward(h.reshape(B * L, -1), cos, sin, offsets, L, keys, values)
-    for b in buffers:
-        if b[3] is not None:
-            b[3](L)
+    rope = attn.rope
+    inv_freq, scale = (rope._inv_freq_for(ctx.positions), rope.scale) if rope is not None else (_NO_ROPE, 1.0)
+    out = decoder.forward(h.reshape(B * L, -1), inv_freq, scale, offsets, L, keys, values)
+    if commit is not None:
+        commit()
     return out.view(B, L, -1)
+
+
+_NO_ROPE = torch.empty(0)
