@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -107,7 +108,26 @@ inline float softmax_numerators(float* sc, int64_t S) {
 template <int DV>  // D / 8 when D is 64 or 128 (accumulators in registers), 0 = any D
 void attend_head(const float* q, const float* Kb, const float* Vb, int64_t kstride, int64_t vstride, int64_t S,
                  int64_t D, float scale, float* sc, float* o) {
-  for (int64_t s = 0; s < S; ++s) sc[s] = dot(q, Kb + s * kstride, D) * scale;
+  int64_t s0 = 0;
+#ifdef EDGELM_AVX2
+  if constexpr (DV > 0) {  // eight keys at a time: one horizontal reduction per 8 scores, not per score
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (; s0 + 8 <= S; s0 += 8) {
+      __m256 a[8];
+      for (int k = 0; k < 8; ++k) a[k] = _mm256_setzero_ps();
+      for (int j = 0; j < DV; ++j) {
+        const __m256 qj = _mm256_loadu_ps(q + 8 * j);
+        for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(Kb + (s0 + k) * kstride + 8 * j), a[k]);
+      }
+      const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+      const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+      const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+      const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+      _mm256_storeu_ps(sc + s0, _mm256_mul_ps(r, vscale));
+    }
+  }
+#endif
+  for (int64_t s = s0; s < S; ++s) sc[s] = dot(q, Kb + s * kstride, D) * scale;
   const float inv = 1.f / softmax_numerators(sc, S);
 #ifdef EDGELM_AVX2
   if constexpr (DV > 0) {
@@ -469,6 +489,7 @@ class LlamaDecoder {
     }
     {
       pybind11::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mutex_);  // scratch buffers are per decoder: one call at a time
       for (size_t i = 0; i < layers_.size(); ++i) {
         layer(layers_[i], h.data_ptr<float>(), T, L, off.data_ptr<int64_t>(), cs.data(), sn.data(), keys[i], values[i]);
       }
@@ -542,6 +563,7 @@ class LlamaDecoder {
   double eps_, scale_, rmul_;
   QActs acts_;
   std::vector<float> xn_, qkv_, att_, gu_, out_;
+  std::mutex mutex_;
 };
 
 }  // namespace
