@@ -184,3 +184,9 @@ def test_fast_step_on_config_variants(extra):
 
     model = randomize_(build_model({**TINY, **extra}).float()).fuse()
     check_paths_agree(model, list(range(1, 40)))
+
+
+@pytest.mark.parametrize("kind", ["int4_g32", "int4_g128", "int8"])
+def test_dequantize_is_bit_identical_to_the_reference(kind):
+    m = make(kind, 96, 256, bias=False)
+    assert torch.equal(m.dense_weight(torch.float32), m.dequantize())

@@ -46,7 +46,9 @@ def ext():
 def _build():
     # -fopenmp: at::parallel_for is an inline OpenMP loop; libgomp.so.1 resolves to the copy torch
     # already loaded, so both share one thread pool.
-    flags = ["-O3", "-std=c++17", "-fopenmp", *_isa_flags()]
+    # -ffp-contract=off: scalar code rounds like the torch references (no implicit FMA), so the
+    # C++ dequantize is bit-exact; the vector kernels use explicit FMA intrinsics anyway.
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", *_isa_flags()]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:12]
     name = f"edgelm_cpu_{digest}"
     root = pathlib.Path(os.environ.get("EDGELM_CACHE", pathlib.Path.home() / ".cache" / "edgelm")) / "kernels" / name

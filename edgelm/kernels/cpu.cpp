@@ -427,6 +427,38 @@ at::Tensor linear_forward(const Linear& l, at::Tensor x) {
   return y.view(shape);
 }
 
+// The dense fp32 weight (N, K) of an int4/int8 Linear: prompts of many rows run dequantize + GEMM,
+// and torch ops take ~1.5 ns per weight to unpack and scale; this is one pass at memory speed.
+at::Tensor dequantize(const Linear& l) {
+  TORCH_CHECK(l.kind == 1 || l.kind == 2, "dequantize takes an int4 or int8 Linear");
+  auto out = at::empty({l.N, l.K}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  const int64_t K = l.K, nb = K / QB;
+  pybind11::gil_scoped_release release;
+  at::parallel_for(0, l.N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* row = o + n * K;
+      if (l.kind == 1) {
+        const uint8_t* wq = l.w.data_ptr<uint8_t>() + n * (K / 2);
+        const uint16_t* szr = reinterpret_cast<const uint16_t*>(l.s.data_ptr<at::BFloat16>()) + n * nb * 2;
+        for (int64_t b = 0; b < nb; ++b) {
+          const float d = bf16_to_float(szr[2 * b]), z = bf16_to_float(szr[2 * b + 1]);
+          for (int j = 0; j < 16; ++j) {  // (q - 8) * d + z, as dequantize_int4 rounds it
+            const uint8_t byte = wq[b * 16 + j];
+            row[b * QB + j] = static_cast<float>((byte & 15) - 8) * d + z;
+            row[b * QB + j + 16] = static_cast<float>((byte >> 4) - 8) * d + z;
+          }
+        }
+      } else {
+        const int8_t* wr = l.w.data_ptr<int8_t>() + n * K;
+        const float sc = bf16_to_float(reinterpret_cast<const uint16_t*>(l.s.data_ptr<at::BFloat16>())[n]);
+        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(wr[k]) * sc;
+      }
+    }
+  });
+  return out;
+}
+
 void rmsnorm(const float* x, const float* w, float eps, float* out, int64_t T, int64_t n) {
   for (int64_t t = 0; t < T; ++t) {
     const float* xr = x + t * n;
@@ -572,6 +604,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Linear>(m, "Linear").def_readonly("N", &Linear::N).def_readonly("K", &Linear::K).def_readonly("kind", &Linear::kind);
   m.def("make_linear", &make_linear, "kind 0 dense / 1 int4 blocks / 2 int8; (w, s, bias)");
   m.def("linear", &linear_forward, "x (..., K) fp32 -> (..., N) fp32");
+  m.def("dequantize", &dequantize, "int4/int8 Linear -> its fp32 weight (N, K)");
   pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")
       .def(pybind11::init<std::vector<Linear>, std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, int64_t, double,
                           double, double>())
