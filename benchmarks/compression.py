@@ -147,7 +147,9 @@ def table(rows_dir: Path) -> str:
         name = r["row"]
         delta = f"{100 * (r['ppl'] / base['ppl'] - 1):+.4g}%" if base else "n/a"
         notes = ", ".join(f"{k}={r[k]}" for k in keys if k in r)
-        lines.append(f"| {LABELS[name]} | {r['ppl']:.4g} | {delta} | {r['size_bytes'] / 1e6:.1f} | "
+        head = "GPTQ int4" if r.get("head_gptq") and r.get("head_bits") != 8 else "GPTQ int8" if r.get("head_gptq") else "int8"
+        label = LABELS[name] + (f", {head} LM head" if r.get("head_gptq") or r.get("head_bits") == 8 else "")
+        lines.append(f"| {label} | {r['ppl']:.4g} | {delta} | {r['size_bytes'] / 1e6:.1f} | "
                      f"{r['decode_tok_s']:.1f} | {notes} |")
     any_row = found[0][1]
     lines.append(f"\nPPL over {any_row['tokens']} tokens of the last 1 MB of python-library-docs.txt; "

@@ -385,7 +385,7 @@ def gptq_quantize(
     if head_gptq and rest:  # the final norm's output is what the LM head multiplies
         norm = model.model.norm
         states = [(norm(h), ctx) for h, ctx in states]
-        run = lambda h, cache, ctx: [get_module(model, p)(h) for p in rest]  # noqa: E731 (wrapped heads)
+        run = lambda h, cache, ctx: [get_module(model, p).add(h) for p in rest]  # noqa: E731 (H only, no logits)
         _quantize_layer(model, run, states, dict(rest), capture, head)
     else:
         for path, m in rest.items():  # outside the decoder layers (the LM head): round to nearest
