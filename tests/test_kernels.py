@@ -99,9 +99,19 @@ def _ctx(cache, L):
 
 
 @pytest.mark.parametrize("prompt_len", [5, 150])  # attention's vector loops and their tails
-def test_fast_step_equals_module_path_dense_stories(stories, prompt_len):
+@pytest.mark.parametrize("parts", [None, 1, 3], ids=["per-head", "grouped", "grouped-3-parts"])
+def test_fast_step_equals_module_path_dense_stories(stories, prompt_len, parts):
+    """`parts` forces the long-context attention (KV-head groups, keys split in that many parts,
+    merged by their softmax maxima; 3 parts of a 5-token prompt leave some parts empty)."""
     prompt = [1] + torch.randint(3, 512, (prompt_len - 1,), generator=torch.Generator().manual_seed(1)).tolist()
-    check_paths_agree(stories.fuse(), prompt)
+    ext = kernels.ext()
+    ext.set_group_attention_bytes(256 << 10 if parts is None else 0)
+    ext.set_attention_parts(parts or 0)
+    try:
+        check_paths_agree(stories.fuse(), prompt)
+    finally:
+        ext.set_group_attention_bytes(256 << 10)
+        ext.set_attention_parts(0)
 
 
 def test_fast_step_equals_module_path_dense_smollm2():

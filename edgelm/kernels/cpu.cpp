@@ -14,6 +14,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -27,6 +28,10 @@
 namespace {
 
 constexpr int64_t QB = 32;  // activation quantization block (weights: one int4 block)
+// K+V bytes of one KV head above which attention groups the heads sharing it (L2-sized); tests
+// lower it to run the grouped path on short sequences.
+int64_t g_group_attention_bytes = 256 << 10;
+int64_t g_attention_parts = 0;  // key-range parts per (token, KV head); 0 = enough tasks for the threads
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -84,10 +89,11 @@ inline __m256 exp_neg(__m256 x) {
 }
 #endif
 
-// sc[0..S) = exp(sc - max(sc)); returns their sum.
-inline float softmax_numerators(float* sc, int64_t S) {
+// sc[0..S) = exp(sc - max(sc)); returns their sum (and the max in *max_out).
+inline float softmax_numerators(float* sc, int64_t S, float* max_out = nullptr) {
   float mx = -INFINITY;
   for (int64_t s = 0; s < S; ++s) mx = std::max(mx, sc[s]);
+  if (max_out) *max_out = mx;
   float sum = 0.f;
   int64_t s = 0;
 #ifdef EDGELM_AVX2
@@ -145,6 +151,25 @@ void attend_head(const float* q, const float* Kb, const float* Vb, int64_t kstri
 #endif
   std::fill(o, o + D, 0.f);
   for (int64_t s = 0; s < S; ++s) axpy(sc[s] * inv, Vb + s * vstride, o, D);
+}
+
+// Long contexts: the G query heads sharing a KV head over keys [s0, s1), each K and V row read
+// once for all G (a per-head pass re-reads the whole cache G times once it outgrows L2). Writes
+// unnormalised outputs o (G, D), each head's score max and sum of exp (merged across parts later).
+void attend_group_part(const float* q, int64_t G, const float* Kb, const float* Vb, int64_t ks, int64_t vs, int64_t s0,
+                       int64_t s1, int64_t D, float scale, std::vector<float>& sc, float* o, float* mx, float* sum) {
+  const int64_t n = s1 - s0;
+  sc.resize(G * n);
+  for (int64_t s = s0; s < s1; ++s) {
+    const float* k = Kb + s * ks;
+    for (int64_t h = 0; h < G; ++h) sc[h * n + s - s0] = dot(q + h * D, k, D) * scale;
+  }
+  for (int64_t h = 0; h < G; ++h) sum[h] = softmax_numerators(sc.data() + h * n, n, mx + h);
+  std::fill(o, o + G * D, 0.f);
+  for (int64_t s = s0; s < s1; ++s) {
+    const float* v = Vb + s * vs;
+    for (int64_t h = 0; h < G; ++h) axpy(sc[h * n + s - s0], v, o + h * D, D);
+  }
 }
 
 // Activations, int16 per 32-block: x[m, k] ~= xs[m, b] * xq[m, k]; xss[m, b] = xs * sum(xq of block).
@@ -558,23 +583,68 @@ class LlamaDecoder {
         std::memcpy(V + b * vs0 + g * vs1 + pos * vs2, row + qd + kvd + g * D_, D_ * 4);
       }
     }
-    // Attention: one task per (token, query head); scores over the row's keys [0, pos].
+    // Attention over the row's keys [0, pos]. Short contexts (this layer's K and V of one KV
+    // head fit in L2): one task per (token, query head). Long ones: one task per (token, KV head,
+    // part of the keys), the G heads of the group together, parts merged by their softmax maxima.
     const int64_t G = H_ / Hkv_;
     const float sc_scale = static_cast<float>(scale_);
-    at::parallel_for(0, T * H_, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> sc;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t t = i / H_, hh = i % H_, g = hh / G, b = t / L, S = off[b] + t % L + 1;
-        const float* q = qkv_.data() + t * ly.qkv.N + hh * D_;
-        const float* Kb = K + b * ks0 + g * ks1;
-        const float* Vb = V + b * vs0 + g * vs1;
-        float* o = att_.data() + t * qd + hh * D_;
-        sc.resize(S);
-        if (D_ == 64) attend_head<8>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
-        else if (D_ == 128) attend_head<16>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
-        else attend_head<0>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
+    const int64_t B = T / L, longest = *std::max_element(off, off + B) + L;
+    if (longest * D_ * 8 <= g_group_attention_bytes) {
+      at::parallel_for(0, T * H_, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<float> sc;
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t t = i / H_, hh = i % H_, g = hh / G, b = t / L, S = off[b] + t % L + 1;
+          const float* q = qkv_.data() + t * ly.qkv.N + hh * D_;
+          const float* Kb = K + b * ks0 + g * ks1;
+          const float* Vb = V + b * vs0 + g * vs1;
+          float* o = att_.data() + t * qd + hh * D_;
+          sc.resize(S);
+          if (D_ == 64) attend_head<8>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
+          else if (D_ == 128) attend_head<16>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
+          else attend_head<0>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
+        }
+      });
+    } else {
+      const int64_t P = g_attention_parts > 0 ? g_attention_parts
+                        : std::max<int64_t>(1, std::min<int64_t>(4, (2 * at::get_num_threads() + T * Hkv_ - 1) / (T * Hkv_)));
+      const int64_t stride = G * D_ + 2 * G;  // per part: outputs (G, D), maxima (G), sums (G)
+      part_.resize(T * Hkv_ * P * stride);
+      at::parallel_for(0, T * Hkv_ * P, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<float> sc;
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t p = i % P, tg = i / P, t = tg / Hkv_, g = tg % Hkv_, b = t / L, S = off[b] + t % L + 1;
+          const int64_t chunk = (S + P - 1) / P, s0 = std::min(S, p * chunk), s1 = std::min(S, s0 + chunk);
+          float* slot = part_.data() + i * stride;
+          if (s0 == s1) {  // an empty part: contributes nothing to the merge
+            std::fill(slot, slot + G * D_, 0.f);
+            std::fill(slot + G * D_, slot + G * D_ + G, -INFINITY);
+            std::fill(slot + G * D_ + G, slot + stride, 0.f);
+            continue;
+          }
+          const float* q = qkv_.data() + t * ly.qkv.N + g * G * D_;
+          attend_group_part(q, G, K + b * ks0 + g * ks1, V + b * vs0 + g * vs1, ks2, vs2, s0, s1, D_, sc_scale, sc, slot,
+                            slot + G * D_, slot + G * D_ + G);
+        }
+      });
+      for (int64_t tg = 0; tg < T * Hkv_; ++tg) {  // merge the parts of each (token, KV head)
+        const int64_t t = tg / Hkv_, g = tg % Hkv_;
+        for (int64_t h = 0; h < G; ++h) {
+          float m = -INFINITY;
+          for (int64_t p = 0; p < P; ++p) m = std::max(m, part_[(tg * P + p) * stride + G * D_ + h]);
+          float* o = att_.data() + t * qd + (g * G + h) * D_;
+          std::fill(o, o + D_, 0.f);
+          float total = 0.f;
+          for (int64_t p = 0; p < P; ++p) {
+            const float* slot = part_.data() + (tg * P + p) * stride;
+            const float w = slot[G * D_ + h] == -INFINITY ? 0.f : std::exp(slot[G * D_ + h] - m);
+            total += w * slot[G * D_ + G + h];
+            axpy(w, slot + h * D_, o, D_);
+          }
+          const float inv = 1.f / total;
+          for (int64_t j = 0; j < D_; ++j) o[j] *= inv;
+        }
       }
-    });
+    }
     ly.o.run(att_.data(), T, acts_, out_.data());
     const float r = static_cast<float>(rmul_);
     for (int64_t i = 0; i < T * n; ++i) h[i] += r * out_[i];
@@ -594,7 +664,7 @@ class LlamaDecoder {
   int64_t H_, Hkv_, D_, rd_, hidden_;
   double eps_, scale_, rmul_;
   QActs acts_;
-  std::vector<float> xn_, qkv_, att_, gu_, out_;
+  std::vector<float> xn_, qkv_, att_, gu_, out_, part_;
   std::mutex mutex_;
 };
 
@@ -605,6 +675,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("make_linear", &make_linear, "kind 0 dense / 1 int4 blocks / 2 int8; (w, s, bias)");
   m.def("linear", &linear_forward, "x (..., K) fp32 -> (..., N) fp32");
   m.def("dequantize", &dequantize, "int4/int8 Linear -> its fp32 weight (N, K)");
+  m.def("set_group_attention_bytes", [](int64_t v) { g_group_attention_bytes = v; }, "long-context attention threshold");
+  m.def("set_attention_parts", [](int64_t v) { g_attention_parts = v; }, "0 = auto");
   pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")
       .def(pybind11::init<std::vector<Linear>, std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, int64_t, double,
                           double, double>())
