@@ -18,23 +18,20 @@ from torch import nn
 
 from edgelm import kernels
 from edgelm.cache import KVCache
-from edgelm.quant.linear import Int4Linear, Int8Linear
 
 MAX_ROWS = 16  # B * L above this: prefill, where the module path's GEMMs win
 # model -> (key, C++ decoder or None); outside the model so that deepcopy/pickle never see it
 _DECODERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _linear_spec(m: nn.Module):
-    """(kind, weight, scales, bias) for the C++ Linear, or None when it cannot run `m`."""
-    bias = None if m.bias is None else m.bias.detach().float().contiguous()
+def _kernel_linear(ext, m: nn.Module):
+    """The C++ Linear that runs `m`, or None: dense fp32 weights as they are, quantized modules
+    through their own `kernel_handle()` (the handle their forward already uses)."""
     if type(m) is nn.Linear and m.weight.dtype == torch.float32:
-        return 0, m.weight.detach(), torch.empty(0), bias
-    if isinstance(m, Int4Linear) and m.layout == "blocks":
-        return 1, m.packed, m.block_sz, bias
-    if isinstance(m, Int8Linear) and m.in_features % 32 == 0:
-        return 2, m.qweight, m.scales, bias
-    return None
+        bias = None if m.bias is None else m.bias.detach().float().contiguous()
+        return ext.make_linear(0, m.weight.detach(), torch.empty(0), bias)
+    handle = getattr(m, "kernel_handle", None)
+    return handle() if handle is not None else None
 
 
 def _layer_parts(layer) -> tuple[list, list] | None:
@@ -56,11 +53,12 @@ def _layer_parts(layer) -> tuple[list, list] | None:
     )
     if not ok:
         return None
-    specs = [_linear_spec(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-    if any(s is None for s in specs):
+    ext = kernels.ext()
+    linears = [_kernel_linear(ext, m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    if any(lin is None for lin in linears):
         return None
     norms = [layer.input_layernorm.weight.detach().float(), layer.post_attention_layernorm.weight.detach().float()]
-    return specs, norms
+    return linears, norms
 
 
 def _key(model) -> tuple:
@@ -83,7 +81,7 @@ def build(model):
         parts = _layer_parts(layer)
         if parts is None:
             return None
-        linears += [ext.make_linear(*spec) for spec in parts[0]]
+        linears += parts[0]
         norms += parts[1]
     attn = model.layers[0].self_attn
     rope_dim = attn.rope.dim if attn.rope is not None else 0

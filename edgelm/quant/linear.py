@@ -94,6 +94,14 @@ class _QuantLinear(nn.Module):
         """The C++ Linear for this module, or None when edgelm's kernels do not run it."""
         return None
 
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N): edgelm's kernel (int16 activations per 32-block) when it runs this
+        module, else torch's (`torch_kernel`, bf16 activations)."""
+        handle = self.kernel_handle()
+        if handle is not None:
+            return kernels.ext().linear(handle, x.float())
+        return self.torch_kernel(x)
+
     def _edgelm_kernel(self, kind: int, w: torch.Tensor, s: torch.Tensor):
         """The C++ kernel's handle for these buffers (rebuilt when a buffer is replaced). Kept
         outside the module's __dict__ so that copy.deepcopy and pickling never see it."""
@@ -195,10 +203,7 @@ class Int4Linear(_QuantLinear):
     def kernel_handle(self):
         return self._edgelm_kernel(1, self.packed, self.block_sz) if self.layout == "blocks" else None
 
-    def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) -> (M, N) through this layout's int kernel."""
-        if self.layout == "blocks":
-            return kernels.ext().linear(self.kernel_handle(), x.float())
+    def torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros
         return _torch_kernel(torch._weight_int4pack_mm_for_cpu, x, self.packed, self.group_size, sz, bias=self.bias)
 
@@ -292,11 +297,7 @@ class Int8Linear(_QuantLinear):
             return self._edgelm_kernel(2, self.qweight, self.scales)
         return None
 
-    def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) -> (M, N): edgelm's kernel (int16 activations per 32-block) when built, else torch's."""
-        handle = self.kernel_handle()
-        if handle is not None:
-            return kernels.ext().linear(handle, x.float())
+    def torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
         return _torch_kernel(torch._weight_int8pack_mm, x, self.qweight, self.scales, bias=self.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
