@@ -7,9 +7,15 @@
 // layer in one C++ call.
 //
 // Formats (edgelm/quant/primitives.py):
-//   int4 "blocks": qs (N, K/2) uint8; 32-weight block b of row n is bytes [16b, 16b+16) of row n,
-//     byte j = q[32b+j] | q[32b+j+16] << 4 (q in 0..15); sz (N, K/32, 2) bf16 (scale, zero) per block;
-//     W[n,k] = (q - 8) * scale + zero.
+//   int4 "blocks": qs (N, K/2) uint8, sz (N, K/32, 2) bf16, one (scale, zero) per 32-weight block,
+//     W[n,k] = (q - 8) * scale + zero, q in 0..15. Rows come in tiles of 8 (the first N - N % 8 rows):
+//     tile t, block b is 128 bytes at qs + (t * K/32 + b) * 128, eight 16-byte chunks c where byte i
+//     = q[8t + i/2, 32b + 2c + i%2] | q[8t + i/2, 32b + 16 + 2c + i%2] << 4, and its scales are
+//     16 bf16 at sz + (t * K/32 + b) * 16: scale[0..8) then zero[0..8) of the tile's rows. So one
+//     16-byte load widens to two int16x16 vectors holding a k-pair of each of the 8 rows per 32-bit
+//     lane: madd_epi16 with a broadcast activation pair gives the 8 rows' partial sums with no
+//     horizontal reduction. The N % 8 tail rows are row-major: block b of row n is bytes
+//     [16b, 16b + 16) of the row, byte j = q[32b+j] | q[32b+j+16] << 4, and (scale, zero) pairs.
 //   int8: w (N, K) int8, scale (N,) bf16; W[n,k] = w * scale.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -18,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -306,6 +313,91 @@ void q4_rows(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz, 
   }
 }
 
+// y[m, 8t + i] for tiles t in [t0, t1) of the int4 tile layout (header), MB activation rows.
+// Per (tile, block, row): 16 madd_epi16 of the unpacked weights with broadcast activation pairs
+// into one int32x8 (lane i = row 8t + i), then scales as vectors: ~2x fewer instructions per
+// weight than q4_rows's reduce8 epilogue, and the unpacked weights are shared by all MB rows.
+template <int MB>
+void q4_tiles(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz, const float* bias, float* y, int64_t N,
+              int64_t t0, int64_t t1) {
+  const int64_t K = a.K, nb = K / QB;
+  const int16_t* xq = a.q.data() + m0 * K;
+  const float* xs = a.s.data() + m0 * nb;
+  const float* xss = a.ss.data() + m0 * nb;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wq = qs + t * nb * 128;
+    const uint16_t* st = sz + t * nb * 16;
+#ifdef EDGELM_AVX2
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i dot[MB];
+      for (int m = 0; m < MB; ++m) dot[m] = _mm256_setzero_si256();
+      const uint8_t* p = wq + b * 128;
+      for (int c = 0; c < 8; ++c) {
+        __m256i lo, hi;
+        unpack_block(p + 16 * c, lo, hi);
+        for (int m = 0; m < MB; ++m) {
+          const int32_t* xp = reinterpret_cast<const int32_t*>(xq + m * K + b * QB);  // activation pairs
+          dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(lo, _mm256_set1_epi32(xp[c])));
+          dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(hi, _mm256_set1_epi32(xp[c + 8])));
+        }
+      }
+      const __m256i dz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + b * 16));  // scale[8], zero[8]
+      const __m256 d = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(dz)), 16));
+      const __m256 z = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(dz, 1)), 16));
+      const __m256 mn = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), d, z);
+      for (int m = 0; m < MB; ++m) {
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_mul_ps(d, _mm256_set1_ps(xs[m * nb + b])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xss[m * nb + b]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      __m256 v = acc[m];
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * t));
+      _mm256_storeu_ps(y + (m0 + m) * N + 8 * t, v);
+    }
+#else
+    for (int m = 0; m < MB; ++m) {
+      for (int i = 0; i < 8; ++i) {
+        float v = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          const int16_t* xb = xq + m * K + b * QB;
+          int sum = 0;
+          for (int c = 0; c < 8; ++c) {
+            for (int j = 0; j < 2; ++j) {
+              const uint8_t byte = wq[b * 128 + 16 * c + 2 * i + j];
+              sum += (byte & 15) * xb[2 * c + j] + (byte >> 4) * xb[16 + 2 * c + j];
+            }
+          }
+          const float d = bf16_to_float(st[b * 16 + i]), mn = bf16_to_float(st[b * 16 + 8 + i]) - 8.f * d;
+          v += d * xs[m * nb + b] * sum + mn * xss[m * nb + b];
+        }
+        y[(m0 + m) * N + 8 * t + i] = v + (bias ? bias[8 * t + i] : 0.f);
+      }
+    }
+#endif
+  }
+}
+
+// Calls f.template operator()<MB>(m) over rows [0, M) in chunks of up to 8 (each chunk reads the
+// weights once; 8 rows' int32 sums plus the unpacked block fit the 16 ymm registers).
+template <typename F>
+void for_row_chunks8(int64_t M, F f) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) f(std::integral_constant<int, 8>(), m);
+  switch (M - m) {
+    case 7: f(std::integral_constant<int, 7>(), m); break;
+    case 6: f(std::integral_constant<int, 6>(), m); break;
+    case 5: f(std::integral_constant<int, 5>(), m); break;
+    case 4: f(std::integral_constant<int, 4>(), m); break;
+    case 3: f(std::integral_constant<int, 3>(), m); break;
+    case 2: f(std::integral_constant<int, 2>(), m); break;
+    case 1: f(std::integral_constant<int, 1>(), m); break;
+    default: break;
+  }
+}
+
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias), W int8 per output channel; eight blocks at a time
 // as in q4_rows.
 template <int MB>
@@ -388,13 +480,17 @@ struct Linear {
     if (kind == 1) {
       const uint8_t* qs = w.data_ptr<uint8_t>();
       const uint16_t* sz = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
-      at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t n0, int64_t n1) {
-        for_row_chunks(
-            M, [&](int64_t m) { q4_rows<4>(a, m, qs, sz, b, y, N, n0, n1); },
-            [&](int64_t m) { q4_rows<3>(a, m, qs, sz, b, y, N, n0, n1); },
-            [&](int64_t m) { q4_rows<2>(a, m, qs, sz, b, y, N, n0, n1); },
-            [&](int64_t m) { q4_rows<1>(a, m, qs, sz, b, y, N, n0, n1); });
+      const int64_t tiles = N / 8;
+      at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(K / 2) / 8), [&](int64_t t0, int64_t t1) {
+        for_row_chunks8(M, [&](auto mb, int64_t m) { q4_tiles<decltype(mb)::value>(a, m, qs, sz, b, y, N, t0, t1); });
       });
+      if (N % 8) {  // the row-major tail rows (N % 8 of them)
+        for_row_chunks(
+            M, [&](int64_t m) { q4_rows<4>(a, m, qs, sz, b, y, N, 8 * tiles, N); },
+            [&](int64_t m) { q4_rows<3>(a, m, qs, sz, b, y, N, 8 * tiles, N); },
+            [&](int64_t m) { q4_rows<2>(a, m, qs, sz, b, y, N, 8 * tiles, N); },
+            [&](int64_t m) { q4_rows<1>(a, m, qs, sz, b, y, N, 8 * tiles, N); });
+      }
     } else {
       const int8_t* wq = w.data_ptr<int8_t>();
       const uint16_t* sc = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
@@ -464,12 +560,16 @@ at::Tensor dequantize(const Linear& l) {
     for (int64_t n = n0; n < n1; ++n) {
       float* row = o + n * K;
       if (l.kind == 1) {
-        const uint8_t* wq = l.w.data_ptr<uint8_t>() + n * (K / 2);
-        const uint16_t* szr = reinterpret_cast<const uint16_t*>(l.s.data_ptr<at::BFloat16>()) + n * nb * 2;
+        const uint8_t* qs = l.w.data_ptr<uint8_t>();
+        const uint16_t* sz = reinterpret_cast<const uint16_t*>(l.s.data_ptr<at::BFloat16>());
+        const bool tiled = n < l.N / 8 * 8;
+        const int64_t t = n / 8, i = n % 8;
         for (int64_t b = 0; b < nb; ++b) {
-          const float d = bf16_to_float(szr[2 * b]), z = bf16_to_float(szr[2 * b + 1]);
-          for (int j = 0; j < 16; ++j) {  // (q - 8) * d + z, as dequantize_int4 rounds it
-            const uint8_t byte = wq[b * 16 + j];
+          float d, z;
+          if (tiled) d = bf16_to_float(sz[(t * nb + b) * 16 + i]), z = bf16_to_float(sz[(t * nb + b) * 16 + 8 + i]);
+          else d = bf16_to_float(sz[(n * nb + b) * 2]), z = bf16_to_float(sz[(n * nb + b) * 2 + 1]);
+          for (int j = 0; j < 16; ++j) {  // codes k = j and k = j + 16 of the block; (q - 8) * d + z as dequantize_int4
+            const uint8_t byte = tiled ? qs[(t * nb + b) * 128 + 16 * (j / 2) + 2 * i + j % 2] : qs[n * (K / 2) + b * 16 + j];
             row[b * QB + j] = static_cast<float>((byte & 15) - 8) * d + z;
             row[b * QB + j + 16] = static_cast<float>((byte >> 4) - 8) * d + z;
           }

@@ -33,6 +33,7 @@ from edgelm import kernels
 from edgelm.quant.primitives import (
     BLOCK,
     PACK_ROWS,
+    TILE,
     SCALE_DTYPE,
     check_int4_shape,
     check_int8_shape,
@@ -159,7 +160,8 @@ class Int4Linear(_QuantLinear):
     @staticmethod
     def pack(q, scales, zeros, group_size: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes q (R, K) and scales/zeros (R, G) -> this layout's (packed, scales) for R rows.
-        Row chunks pack independently: join packed along dim 0 and scales along `scale_row_dim`."""
+        Chunks of a multiple of 64 rows (or the last chunk) pack independently: join packed along
+        dim 0 and scales along `scale_row_dim`."""
         if layout == "blocks":
             return pack_int4_blocks(q), expand_to_blocks(scales, zeros, group_size)
         return pack_int4_for_cpu(q), merge_scales_and_zeros(scales, zeros)
@@ -227,12 +229,13 @@ class Int4Linear(_QuantLinear):
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """fp32 rows W[rows] (R, K), reading only those rows (embedding lookups)."""
-        scales, zeros = self.scales_zeros()
         if self.layout == "blocks":
-            q = unpack_int4_blocks(self.packed[rows])
+            q = unpack_int4_blocks(self.packed, rows)
+            scales, zeros = blocks_to_groups(self.block_sz, self.group_size, rows)
         else:
             q = unpack_int4_rows_from_cpu(self.packed, rows)
-        return dequantize_int4(q, scales[rows], zeros[rows], self.group_size)
+            scales, zeros = (t[rows] for t in self.scales_zeros())
+        return dequantize_int4(q, scales, zeros, self.group_size)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # bias
@@ -372,9 +375,11 @@ def fuse_quantized(linears: list[nn.Module]) -> Int4Linear | Int8Linear | None:
     if any(m.group_size != first.group_size or m.layout != first.layout for m in linears):
         return None
     layout = first.layout
-    if layout == "blocks" or all(m.out_features % PACK_ROWS == 0 for m in linears):  # row blocks pack independently
+    # tiles of 8 rows ("blocks") and torch's blocks of 64 rows pack independently: whole ones concatenate
+    independent = linears[:-1] if layout == "blocks" else linears
+    if all(m.out_features % (TILE if layout == "blocks" else PACK_ROWS) == 0 for m in independent):
         packed = torch.cat([m.packed for m in linears])
-    else:
-        packed = pack_int4_for_cpu(torch.cat([m.codes() for m in linears]))
-    sz = torch.cat([m.block_sz if layout == "blocks" else m.scales_and_zeros for m in linears], Int4Linear.scale_row_dim(layout))
-    return Int4Linear.from_packed(packed, sz, first.group_size, bias, layout)
+        sz = torch.cat([m.block_sz if layout == "blocks" else m.scales_and_zeros for m in linears], Int4Linear.scale_row_dim(layout))
+        return Int4Linear.from_packed(packed, sz, first.group_size, bias, layout)
+    scales, zeros = (torch.cat(t) for t in zip(*(m.scales_zeros() for m in linears)))
+    return Int4Linear.from_quantized(torch.cat([m.codes() for m in linears]), scales, zeros, first.group_size, bias, layout)
