@@ -4,8 +4,12 @@
   (exact up to fp32 summation order), and within 1e-4 of the unrounded dequantized reference;
 - the fast decode step == the module path to fp32 rounding (stories260K, SmolLM2 dense and as its
   int4/int8 GGUF) for decode, multi-token verify, a batch, and the engine's per-row offsets;
+- with InfLLM v2 sparse attention the step (kernel pooling, block selection, attention over the
+  chosen blocks) == the module path too;
 - it stands aside (module path) for what it does not implement.
 """
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +26,9 @@ pytestmark = [
     pytest.mark.skipif(not kernels.available(), reason="edgelm's C++ kernels did not build here"),
 ]
 
-SMOL = "/work/shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SMOL = str(SHARED / "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+DATA = SHARED / "data"
 
 
 def rounded_activations(x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +137,29 @@ def test_fast_step_equals_module_path_quantized_gguf():
     check_paths_agree(load(SMOL), [1, 504, 3458, 282, 260, 1345], tol=1e-3)
 
 
+# Small InfLLM v2 settings so that selection is real on short prompts: ~10 blocks, 1 init block, a
+# 2-3 block window, top-3 of the rest; dense_len 64 puts a verify across the dense/sparse boundary.
+SMALL_SPARSE = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=32, topk=3, dense_len=64)
+
+
+@pytest.mark.parametrize("prompt_len", [60, 150])
+def test_fast_step_equals_module_path_sparse_stories(stories, prompt_len):
+    """Block selection, kernel pooling of the new keys and attention over the chosen blocks in C++
+    against layers/sparse_attention.py (the module path), decode and a 4-token verify."""
+    model = stories.fuse()
+    model.set_sparse_attention(SMALL_SPARSE)
+    prompt = [1] + torch.randint(3, 512, (prompt_len - 1,), generator=torch.Generator().manual_seed(2)).tolist()
+    check_paths_agree(model, prompt)
+
+
+def test_fast_step_equals_module_path_sparse_smollm2_text():
+    """Real weights on real text, 300 tokens, sparse well past dense_len."""
+    model = load(SMOL, dequantize=True)
+    model.set_sparse_attention(SparseConfig(block_size=32, kernel_size=16, kernel_stride=8, window_size=64, topk=3, dense_len=128))
+    text = (DATA / "python-library-docs.txt").read_text()[:4000]
+    check_paths_agree(model, model.tokenizer.encode(text)[:300])
+
+
 @torch.inference_mode()
 def test_fast_step_batch_and_engine_rows(stories):
     model = stories.fuse()
@@ -169,9 +198,12 @@ def test_fast_step_stands_aside(stories):
     with torch.enable_grad():
         assert fast.hidden_states(model, tokens, cache, _ctx(cache, 1)) is None  # training
     model.set_sparse_attention(SparseConfig(dense_len=64))
+    assert fast.hidden_states(model, tokens, cache, _ctx(cache, 1)) is None  # sparse, but no kernel cache
+    model.set_sparse_attention(SparseConfig(dense_len=64, kernel_size=64))
     sparse_cache = model.make_cache()
+    model.set_sparse_attention(SparseConfig(dense_len=64))
     model(torch.tensor([[1, 2, 3]]), sparse_cache)
-    assert fast.hidden_states(model, tokens, sparse_cache, _ctx(sparse_cache, 1)) is None
+    assert fast.hidden_states(model, tokens, sparse_cache, _ctx(sparse_cache, 1)) is None  # other kernels
     model.set_sparse_attention(None)
     assert fast.hidden_states(model, tokens, cache, _ctx(cache, 1)) is not None  # rebuilt
 

@@ -179,6 +179,72 @@ void attend_group_part(const float* q, int64_t G, const float* Kb, const float* 
   }
 }
 
+// --- InfLLM v2 block-sparse attention for the decode step (edgelm/layers/sparse_attention.py is
+// the reference: select_blocks, attend_selected). Block size 0 = dense attention.
+struct SparseCfg {
+  int64_t block = 0, ksize = 32, kstride = 16, init = 1, window = 2048, topk = 64, dense_len = 8192;
+};
+
+inline int64_t num_kernels(int64_t len, int64_t p, int64_t s) { return len < p ? 0 : (len - p) / s + 1; }
+
+// Blocks (ascending ids) that the query at position t of KV head group q (G, D) attends to: the
+// init blocks and those overlapping the local window, plus the top-k others by block score: the G
+// heads' softmaxes over the visible key kernels kern (row i every kst floats), summed, each block
+// taking the max over the kernels overlapping it (ties go to the lower block id).
+void select_blocks(const float* q, int64_t G, const float* kern, int64_t kst, int64_t t, int64_t D, float scale,
+                   const SparseCfg& c, std::vector<float>& tmp, std::vector<float>& score, std::vector<int64_t>& out) {
+  const int64_t nk = num_kernels(t + 1, c.ksize, c.kstride), nb = t / c.block + 1;
+  score.assign(nk, 0.f);
+  tmp.resize(nk);
+  for (int64_t h = 0; h < G && nk > 0; ++h) {
+    for (int64_t i = 0; i < nk; ++i) tmp[i] = dot(q + h * D, kern + i * kst, D) * scale;
+    const float sum = softmax_numerators(tmp.data(), nk);
+    for (int64_t i = 0; i < nk; ++i) score[i] += tmp[i] / sum;
+  }
+  const int64_t r = c.block / c.kstride, pad = c.ksize / c.kstride - 1;
+  out.clear();
+  std::vector<std::pair<float, int64_t>> cand;  // (-block score, id): sorted ascending = best first, lower id on ties
+  for (int64_t j = 0; j < nb; ++j) {
+    const bool forced = j < c.init || (j + 1) * c.block - 1 >= t - c.window + 1;
+    if (forced) {
+      out.push_back(j);
+      continue;
+    }
+    float best = -INFINITY;
+    for (int64_t i = std::max<int64_t>(0, j * r - pad); i < std::min(nk, j * r - pad + r + pad); ++i) best = std::max(best, score[i]);
+    if (best > -INFINITY) cand.emplace_back(-best, j);
+  }
+  const int64_t k = std::min<int64_t>(c.topk, cand.size());
+  std::partial_sort(cand.begin(), cand.begin() + k, cand.end());
+  for (int64_t i = 0; i < k; ++i) out.push_back(cand[i].second);
+  std::sort(out.begin(), out.end());
+}
+
+// The G query heads q (G, D) of one KV head at position t over the keys of `blocks` (block size m)
+// at or before t: o (G, D) = softmax(q K^T * scale) V, each K/V row read once for all G heads.
+void attend_group_blocks(const float* q, int64_t G, const float* Kb, const float* Vb, int64_t ks, int64_t vs,
+                         const std::vector<int64_t>& blocks, int64_t m, int64_t t, int64_t D, float scale,
+                         std::vector<float>& sc, float* o) {
+  int64_t n = 0;
+  for (int64_t j : blocks) n += std::min(j * m + m, t + 1) - j * m;
+  sc.resize(G * n);
+  int64_t i = 0;
+  for (int64_t j : blocks) {
+    for (int64_t s = j * m; s < std::min(j * m + m, t + 1); ++s, ++i) {
+      for (int64_t h = 0; h < G; ++h) sc[h * n + i] = dot(q + h * D, Kb + s * ks, D) * scale;
+    }
+  }
+  std::vector<float> inv(G);
+  for (int64_t h = 0; h < G; ++h) inv[h] = 1.f / softmax_numerators(sc.data() + h * n, n);
+  std::fill(o, o + G * D, 0.f);
+  i = 0;
+  for (int64_t j : blocks) {
+    for (int64_t s = j * m; s < std::min(j * m + m, t + 1); ++s, ++i) {
+      for (int64_t h = 0; h < G; ++h) axpy(sc[h * n + i] * inv[h], Vb + s * vs, o + h * D, D);
+    }
+  }
+}
+
 // Activations, int16 per 32-block: x[m, k] ~= xs[m, b] * xq[m, k]; xss[m, b] = xs * sum(xq of block).
 // int16, not llama.cpp's int8: int8 rounding costs ~1% relative error per matmul, which over 30
 // layers flips SmolLM2's answers (it and llama.cpp answer "What is the capital of France?" with
@@ -625,10 +691,13 @@ class LlamaDecoder {
 
   // x (B*L, hidden) embeddings; inv_freq (rope_dim / 2,) the RoPE frequencies for this call and
   // rope_scale their cos/sin factor (YaRN/LongRoPE); offsets (B,) each row's cached length.
+  // kernels: with sparse attention, each layer's mean-pooled key kernels (B, Hkv, capacity, D)
+  // holding those of the keys before offsets[b]; the ones completed by this call's keys are added.
   at::Tensor forward(at::Tensor x, at::Tensor inv_freq, double rope_scale, at::Tensor offsets, int64_t L,
-                     std::vector<at::Tensor> keys, std::vector<at::Tensor> values) {
+                     std::vector<at::Tensor> keys, std::vector<at::Tensor> values, std::vector<at::Tensor> kernels) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == hidden_, "x must be (B*L, hidden) fp32");
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one key and value buffer per layer");
+    TORCH_CHECK(sparse_.block == 0 || kernels.size() == layers_.size(), "sparse attention needs one kernel buffer per layer");
     const int64_t T = x.size(0), B = T / L, half = rd_ / 2;
     TORCH_CHECK(B * L == T && offsets.numel() == B, "offsets must hold one entry per row");
     auto h = x.contiguous().clone();
@@ -648,16 +717,42 @@ class LlamaDecoder {
       pybind11::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(mutex_);  // scratch buffers are per decoder: one call at a time
       for (size_t i = 0; i < layers_.size(); ++i) {
-        layer(layers_[i], h.data_ptr<float>(), T, L, off.data_ptr<int64_t>(), cs.data(), sn.data(), keys[i], values[i]);
+        layer(layers_[i], h.data_ptr<float>(), T, L, off.data_ptr<int64_t>(), cs.data(), sn.data(), keys[i], values[i],
+              sparse_.block ? &kernels[i] : nullptr);
       }
       rmsnorm(h.data_ptr<float>(), final_norm_.data_ptr<float>(), eps_, h.data_ptr<float>(), T, hidden_);
     }
     return h;
   }
 
+  void set_sparse(int64_t block, int64_t ksize, int64_t kstride, int64_t init, int64_t window, int64_t topk, int64_t dense_len) {
+    TORCH_CHECK(block > 0 && kstride > 0 && block % kstride == 0 && ksize % kstride == 0 && ksize >= kstride && topk > 0,
+                "sparse attention: block_size and kernel_size must be multiples of kernel_stride, topk > 0");
+    sparse_ = {block, ksize, kstride, init, window, topk, dense_len};
+  }
+
  private:
+  // Mean-pooled key kernels completed by this call's keys (kernel i covers keys [i*s, i*s + p)).
+  void update_kernels(const float* K, int64_t ks0, int64_t ks1, int64_t ks2, at::Tensor& kern, int64_t B, int64_t L,
+                      const int64_t* off) {
+    float* kp = kern.data_ptr<float>();
+    const int64_t p = sparse_.ksize, s = sparse_.kstride;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n0 = num_kernels(off[b], p, s), n1 = num_kernels(off[b] + L, p, s);
+      TORCH_CHECK(n1 <= kern.size(2), "kernel buffer too small for ", n1, " kernels");
+      for (int64_t g = 0; g < Hkv_; ++g) {
+        for (int64_t i = n0; i < n1; ++i) {
+          float* o = kp + b * kern.stride(0) + g * kern.stride(1) + i * kern.stride(2);
+          std::fill(o, o + D_, 0.f);
+          for (int64_t j = 0; j < p; ++j) axpy(1.f, K + b * ks0 + g * ks1 + (i * s + j) * ks2, o, D_);
+          for (int64_t d = 0; d < D_; ++d) o[d] /= static_cast<float>(p);
+        }
+      }
+    }
+  }
+
   void layer(const Layer& ly, float* h, int64_t T, int64_t L, const int64_t* off, const float* cs, const float* sn,
-             at::Tensor& keys, at::Tensor& values) {
+             at::Tensor& keys, at::Tensor& values, at::Tensor* kern) {
     const int64_t n = hidden_, qd = H_ * D_, kvd = Hkv_ * D_, inter = ly.down.K;
     xn_.resize(T * std::max(n, inter));
     qkv_.resize(T * ly.qkv.N);
@@ -689,7 +784,27 @@ class LlamaDecoder {
     const int64_t G = H_ / Hkv_;
     const float sc_scale = static_cast<float>(scale_);
     const int64_t B = T / L, longest = *std::max_element(off, off + B) + L;
-    if (longest * D_ * 8 <= g_group_attention_bytes) {
+    if (kern != nullptr) {  // InfLLM v2: one task per (token, KV head), dense below dense_len
+      update_kernels(K, ks0, ks1, ks2, *kern, B, L, off);
+      const float* kp = kern->data_ptr<float>();
+      const int64_t kst0 = kern->stride(0), kst1 = kern->stride(1), kst2 = kern->stride(2);
+      at::parallel_for(0, T * Hkv_, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<float> sc, tmp, score;
+        std::vector<int64_t> blocks;
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t t = i / Hkv_, g = i % Hkv_, b = t / L, pos = off[b] + t % L;
+          const float* q = qkv_.data() + t * ly.qkv.N + g * G * D_;
+          if (pos + 1 < sparse_.dense_len) {
+            blocks.resize(pos / sparse_.block + 1);
+            for (size_t j = 0; j < blocks.size(); ++j) blocks[j] = static_cast<int64_t>(j);
+          } else {
+            select_blocks(q, G, kp + b * kst0 + g * kst1, kst2, pos, D_, sc_scale, sparse_, tmp, score, blocks);
+          }
+          attend_group_blocks(q, G, K + b * ks0 + g * ks1, V + b * vs0 + g * vs1, ks2, vs2, blocks, sparse_.block, pos, D_,
+                              sc_scale, sc, att_.data() + t * qd + g * G * D_);
+        }
+      });
+    } else if (longest * D_ * 8 <= g_group_attention_bytes) {
       at::parallel_for(0, T * H_, 1, [&](int64_t i0, int64_t i1) {
         std::vector<float> sc;
         for (int64_t i = i0; i < i1; ++i) {
@@ -760,6 +875,7 @@ class LlamaDecoder {
   }
 
   std::vector<Layer> layers_;
+  SparseCfg sparse_;
   at::Tensor final_norm_;
   int64_t H_, Hkv_, D_, rd_, hidden_;
   double eps_, scale_, rmul_;
@@ -780,7 +896,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")
       .def(pybind11::init<std::vector<Linear>, std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, int64_t, double,
                           double, double>())
-      .def("forward", &LlamaDecoder::forward);
+      .def("forward", &LlamaDecoder::forward, pybind11::arg("x"), pybind11::arg("inv_freq"), pybind11::arg("rope_scale"),
+           pybind11::arg("offsets"), pybind11::arg("L"), pybind11::arg("keys"), pybind11::arg("values"),
+           pybind11::arg("kernels") = std::vector<at::Tensor>())
+      .def("set_sparse", &LlamaDecoder::set_sparse, "InfLLM v2 settings (block, kernel, stride, init, window, topk, dense_len)");
 #ifdef EDGELM_AVX2
   m.attr("isa") = "avx2";
 #else

@@ -4,7 +4,8 @@ The module path (`models/llama.py`) stays the reference and the fallback. The fa
 a forward feeds few new tokens (decode, batched decode, speculative verify: B * L <= MAX_ROWS),
 without autograd, on a model whose pieces it knows: fused qkv and gate/up projections, SiLU, plain
 RMSNorm, rotary or no position embedding, dense fp32 / int4 ("blocks" layout) / int8 linears, full
-attention over a KV cache it can write into. Anything else (sliding windows, sparse attention,
+attention over a KV cache it can write into, or InfLLM v2 sparse attention over a SparseKVCache
+(block selection and attention over the chosen blocks in C++). Anything else (sliding windows,
 q/k norms, left padding, bf16 caches, ...) returns None and the module path runs.
 
 Per token it saves the ~1,000 Python-dispatched ops of a 30-layer model (docs/profile-smollm2.md);
@@ -18,6 +19,7 @@ from torch import nn
 
 from edgelm import kernels
 from edgelm.cache import KVCache
+from edgelm.layers.sparse_attention import SparseKVCache
 
 MAX_ROWS = 16  # B * L above this: prefill, where the module path's GEMMs win
 # model -> (key, C++ decoder or None); outside the model so that deepcopy/pickle never see it
@@ -45,7 +47,6 @@ def _layer_parts(layer) -> tuple[list, list] | None:
         and attn.q_norm is None
         and attn.window is None
         and attn.softcap is None
-        and attn.sparse is None
         and getattr(mlp, "gate_up_proj", None) is not None
         and mlp.act is torch.nn.functional.silu
         and not layer.input_layernorm.offset
@@ -68,7 +69,13 @@ def _key(model) -> tuple:
     qkv = first.self_attn.qkv_proj
     w = None if qkv is None else getattr(qkv, "packed", getattr(qkv, "qweight", getattr(qkv, "weight", None)))
     return (len(model.layers), id(qkv), id(last.mlp.down_proj), id(last.self_attn.o_proj),
-            first.self_attn.sparse is not None, None if w is None else w.data_ptr())
+            _sparse_config(model), None if w is None else w.data_ptr())
+
+
+def _sparse_config(model):
+    """The layers' shared SparseConfig, None when dense, False when they differ."""
+    configs = {None if layer.self_attn.sparse is None else layer.self_attn.sparse.config for layer in model.layers}
+    return configs.pop() if len(configs) == 1 else False
 
 
 def build(model):
@@ -88,9 +95,10 @@ def build(model):
     if any(layer.self_attn.rope is not attn.rope for layer in model.layers):
         return None
     norm = model.model.norm
-    if norm.offset or norm.eps != model.layers[0].input_layernorm.eps:
+    sparse = _sparse_config(model)
+    if norm.offset or norm.eps != model.layers[0].input_layernorm.eps or sparse is False:
         return None
-    return ext.LlamaDecoder(
+    decoder = ext.LlamaDecoder(
         linears,
         norms,
         norm.weight.detach().float().contiguous(),
@@ -102,14 +110,19 @@ def build(model):
         float(attn.scale),
         float(model.layers[0].residual_multiplier),
     )
+    if sparse is not None:
+        c = sparse
+        decoder.set_sparse(c.block_size, c.kernel_size, c.kernel_stride, c.init_blocks, c.window_size, c.topk, c.dense_len)
+    return decoder
 
 
 _VIEWS: tuple = ()  # the engine's cache views, imported on first use (edgelm.engine imports a lot)
 
 
-def _cache_plan(cache: list, B: int, L: int, like: torch.Tensor, shape: tuple[int, int]):
-    """(keys, values, per-row offsets (B,), commit) for every layer's cache, capacity ensured, or
-    None when the caches are not a kind the fast step writes (fp32 KVCache, the engine's views)."""
+def _cache_plan(cache: list, B: int, L: int, like: torch.Tensor, shape: tuple[int, int], sparse=None):
+    """(keys, values, per-row offsets (B,), commit, kernel buffers) for every layer's cache, capacity
+    ensured, or None when the caches are not a kind the fast step writes (fp32 KVCache, the
+    engine's views; with sparse attention only a SparseKVCache pooling with the same kernels)."""
     global _VIEWS
     if not _VIEWS:
         from edgelm.engine.runner import _RowsView, _SlotView
@@ -118,7 +131,10 @@ def _cache_plan(cache: list, B: int, L: int, like: torch.Tensor, shape: tuple[in
     kind, first = type(cache[0]), cache[0]
     if any(type(c) is not kind for c in cache):
         return None
-    if kind is KVCache:
+    if sparse is not None:
+        if kind is not SparseKVCache or (first.kernel_size, first.kernel_stride) != (sparse.kernel_size, sparse.kernel_stride):
+            return None
+    if kind is KVCache or kind is SparseKVCache:
         if first.left_pad is not None:
             return None
         end = first.offset + L
@@ -128,14 +144,22 @@ def _cache_plan(cache: list, B: int, L: int, like: torch.Tensor, shape: tuple[in
         if first.keys.dtype != torch.float32 or first.keys.shape[0] != B:
             return None
         offsets = torch.full((B,), first.offset, dtype=torch.long)
-        return [c.keys for c in cache], [c.values for c in cache], offsets, lambda: [c.advance(L) for c in cache]
-    if kind not in _VIEWS or first.keys.dtype != torch.float32 or first.offset + L > first.keys.shape[2]:
+        kernels = [c.kernel_buffer(end) for c in cache] if sparse is not None else []
+
+        def commit():
+            for c in cache:
+                c.advance(L)
+                if sparse is not None:
+                    c.kernels_written()
+
+        return [c.keys for c in cache], [c.values for c in cache], offsets, commit, kernels
+    if sparse is not None or kind not in _VIEWS or first.keys.dtype != torch.float32 or first.offset + L > first.keys.shape[2]:
         return None
     if kind is _VIEWS[0]:  # one engine slot (prefill chunk)
         s = first.slot
         offsets = torch.full((B,), first.offset, dtype=torch.long)
-        return [c.keys[s : s + 1] for c in cache], [c.values[s : s + 1] for c in cache], offsets, None
-    return [c.keys[:B] for c in cache], [c.values[:B] for c in cache], first.row_offsets, None  # slots [0, B)
+        return [c.keys[s : s + 1] for c in cache], [c.values[s : s + 1] for c in cache], offsets, None, []
+    return [c.keys[:B] for c in cache], [c.values[:B] for c in cache], first.row_offsets, None, []  # slots [0, B)
 
 
 def hidden_states(model, tokens: torch.Tensor, cache, ctx):
@@ -156,15 +180,15 @@ def hidden_states(model, tokens: torch.Tensor, cache, ctx):
     h = model.model.embed_tokens(tokens)
     if h.dtype != torch.float32:
         return None
-    plan = _cache_plan(cache, B, L, h, (attn.num_kv_heads, attn.head_dim))
+    plan = _cache_plan(cache, B, L, h, (attn.num_kv_heads, attn.head_dim), key[4])
     if plan is None:
         return None
-    keys, values, offsets, commit = plan
+    keys, values, offsets, commit, kernel_buffers = plan
     if model.config.embedding_multiplier != 1.0:
         h = h * model.config.embedding_multiplier
     rope = attn.rope
     inv_freq, scale = (rope._inv_freq_for(ctx.positions), rope.scale) if rope is not None else (_NO_ROPE, 1.0)
-    out = decoder.forward(h.reshape(B * L, -1), inv_freq, scale, offsets, L, keys, values)
+    out = decoder.forward(h.reshape(B * L, -1), inv_freq, scale, offsets, L, keys, values, kernel_buffers)
     if commit is not None:
         commit()
     return out.view(B, L, -1)

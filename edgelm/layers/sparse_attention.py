@@ -338,14 +338,29 @@ class SparseKVCache(KVCache):
 
     def _append(self, new: torch.Tensor) -> None:
         end = self.num_kernels + new.shape[2]
+        self._grow_kernels(end, new)
+        self.kernels[:, :, self.num_kernels : end] = new
+        self.num_kernels = end
+
+    def _grow_kernels(self, end: int, like: torch.Tensor) -> None:
+        """Room for `end` kernels (B, Hkv, capacity, D), doubling, the current ones kept."""
         if self.kernels is None or end > self.kernels.shape[2]:
             size = max(end, 2 * (0 if self.kernels is None else self.kernels.shape[2]), 64)
-            grown = new.new_empty(*new.shape[:2], size, new.shape[3])
+            grown = like.new_empty(*like.shape[:2], size, like.shape[3])
             if self.num_kernels:
                 grown[:, :, : self.num_kernels] = self.kernels[:, :, : self.num_kernels]
             self.kernels = grown
-        self.kernels[:, :, self.num_kernels : end] = new
-        self.num_kernels = end
+
+    def kernel_buffer(self, length: int) -> torch.Tensor:
+        """For the fast decode step (kernels/llama.py), which pools the kernels its new keys complete
+        into this buffer: current up to the cached keys, with room for those of `length` keys.
+        Call `kernels_written()` after it has advanced the cache."""
+        self.compressed_keys()
+        self._grow_kernels(num_kernels(length, self.kernel_size, self.kernel_stride), self.keys)
+        return self.kernels
+
+    def kernels_written(self) -> None:
+        self.num_kernels = num_kernels(self.offset, self.kernel_size, self.kernel_stride)
 
     def _drop_stale_kernels(self) -> None:
         self.num_kernels = min(
