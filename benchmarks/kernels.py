@@ -44,6 +44,7 @@ def main() -> None:
         ours4 = Int4Linear.from_float(linear, 32)
         torch4 = Int4Linear.from_quantized(ours4.codes(), *ours4.scales_zeros(), 32, None, "torch")
         int8 = Int8Linear.from_float(linear)
+        int8_rows = int8.codes()  # row order, as torch's kernel takes it
         w = linear.weight
         for M in (int(m) for m in args.rows.split(",")):
             x = torch.randn(M, K)
@@ -52,7 +53,7 @@ def main() -> None:
                 median_ms(lambda: ours4.kernel(x), args.repeat),
                 median_ms(lambda: torch4.kernel(x), args.repeat),
                 median_ms(lambda: int8.kernel(x), args.repeat),
-                median_ms(lambda: torch._weight_int8pack_mm(xb, int8.qweight, int8.scales), args.repeat),
+                median_ms(lambda: torch._weight_int8pack_mm(xb, int8_rows, int8.scales), args.repeat),
                 median_ms(lambda: x @ w.T, args.repeat),
             ]
             gb = [N * K * 0.5625 / 1e6, N * K * 0.5625 / 1e6, N * K / 1e6, N * K / 1e6, N * K * 4 / 1e6]

@@ -146,10 +146,13 @@ SMALL_SPARSE = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, init_
 def test_fast_step_equals_module_path_sparse_stories(stories, prompt_len):
     """Block selection, kernel pooling of the new keys and attention over the chosen blocks in C++
     against layers/sparse_attention.py (the module path), decode and a 4-token verify."""
-    model = stories.fuse()
+    model = stories.fuse()  # the session's model: sparse attention is switched off again after
     model.set_sparse_attention(SMALL_SPARSE)
     prompt = [1] + torch.randint(3, 512, (prompt_len - 1,), generator=torch.Generator().manual_seed(2)).tolist()
-    check_paths_agree(model, prompt)
+    try:
+        check_paths_agree(model, prompt)
+    finally:
+        model.set_sparse_attention(None)
 
 
 def test_fast_step_equals_module_path_sparse_smollm2_text():

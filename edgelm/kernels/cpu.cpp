@@ -16,11 +16,14 @@
 //     lane: madd_epi16 with a broadcast activation pair gives the 8 rows' partial sums with no
 //     horizontal reduction. The N % 8 tail rows are row-major: block b of row n is bytes
 //     [16b, 16b + 16) of the row, byte j = q[32b+j] | q[32b+j+16] << 4, and (scale, zero) pairs.
-//   int8: w (N, K) int8, scale (N,) bf16; W[n,k] = w * scale.
+//   int8: w (N, K) int8, scale (N,) bf16; W[n,k] = w * scale. Rows in tiles of 8 as for int4: tile t,
+//     block b is 256 bytes at w + (t * K/32 + b) * 256, sixteen 16-byte chunks c where byte i =
+//     w[8t + i/2, 32b + 2c + i%2]; the N % 8 tail rows are row-major.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -446,6 +449,57 @@ void q4_tiles(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz,
   }
 }
 
+// y[m, 8t + i] for int8 tiles t in [t0, t1) (header): as q4_tiles, sixteen 16-byte chunks per
+// block, each widened to one int16 vector; the per-channel scales are applied once at the end.
+template <int MB>
+void q8_tiles(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale, const float* bias, float* y, int64_t N,
+              int64_t t0, int64_t t1) {
+  const int64_t K = a.K, nb = K / QB;
+  const int16_t* xq = a.q.data() + m0 * K;
+  const float* xs = a.s.data() + m0 * nb;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int8_t* wt = w + t * nb * 256;
+#ifdef EDGELM_AVX2
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i dot[MB];
+      for (int m = 0; m < MB; ++m) dot[m] = _mm256_setzero_si256();
+      const int8_t* p = wt + b * 256;
+      for (int c = 0; c < 16; ++c) {
+        const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c)));
+        for (int m = 0; m < MB; ++m) {
+          const int32_t* xp = reinterpret_cast<const int32_t*>(xq + m * K + b * QB);
+          dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(v, _mm256_set1_epi32(xp[c])));
+        }
+      }
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_set1_ps(xs[m * nb + b]), acc[m]);
+    }
+    const __m256 sc = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + 8 * t))), 16));
+    for (int m = 0; m < MB; ++m) {
+      __m256 v = _mm256_mul_ps(acc[m], sc);
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * t));
+      _mm256_storeu_ps(y + (m0 + m) * N + 8 * t, v);
+    }
+#else
+    for (int m = 0; m < MB; ++m) {
+      for (int i = 0; i < 8; ++i) {
+        float v = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          int dotq = 0;
+          for (int c = 0; c < 16; ++c) {
+            for (int j = 0; j < 2; ++j) dotq += wt[b * 256 + 16 * c + 2 * i + j] * xq[m * K + b * QB + 2 * c + j];
+          }
+          v += xs[m * nb + b] * dotq;
+        }
+        y[(m0 + m) * N + 8 * t + i] = v * bf16_to_float(scale[8 * t + i]) + (bias ? bias[8 * t + i] : 0.f);
+      }
+    }
+#endif
+  }
+}
+
 // Calls f.template operator()<MB>(m) over rows [0, M) in chunks of up to 8 (each chunk reads the
 // weights once; 8 rows' int32 sums plus the unpacked block fit the 16 ymm registers).
 template <typename F>
@@ -560,13 +614,17 @@ struct Linear {
     } else {
       const int8_t* wq = w.data_ptr<int8_t>();
       const uint16_t* sc = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
-      at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
-        for_row_chunks(
-            M, [&](int64_t m) { q8_rows<4>(a, m, wq, sc, b, y, N, n0, n1); },
-            [&](int64_t m) { q8_rows<3>(a, m, wq, sc, b, y, N, n0, n1); },
-            [&](int64_t m) { q8_rows<2>(a, m, wq, sc, b, y, N, n0, n1); },
-            [&](int64_t m) { q8_rows<1>(a, m, wq, sc, b, y, N, n0, n1); });
+      const int64_t tiles = N / 8;
+      at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(K) / 8), [&](int64_t t0, int64_t t1) {
+        for_row_chunks8(M, [&](auto mb, int64_t m) { q8_tiles<decltype(mb)::value>(a, m, wq, sc, b, y, N, t0, t1); });
       });
+      if (N % 8) {  // the row-major tail rows
+        for_row_chunks(
+            M, [&](int64_t m) { q8_rows<4>(a, m, wq, sc, b, y, N, 8 * tiles, N); },
+            [&](int64_t m) { q8_rows<3>(a, m, wq, sc, b, y, N, 8 * tiles, N); },
+            [&](int64_t m) { q8_rows<2>(a, m, wq, sc, b, y, N, 8 * tiles, N); },
+            [&](int64_t m) { q8_rows<1>(a, m, wq, sc, b, y, N, 8 * tiles, N); });
+      }
     }
   }
 };
@@ -641,9 +699,14 @@ at::Tensor dequantize(const Linear& l) {
           }
         }
       } else {
-        const int8_t* wr = l.w.data_ptr<int8_t>() + n * K;
+        const int8_t* w = l.w.data_ptr<int8_t>();
         const float sc = bf16_to_float(reinterpret_cast<const uint16_t*>(l.s.data_ptr<at::BFloat16>())[n]);
-        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(wr[k]) * sc;
+        if (n < l.N / 8 * 8) {  // tile n / 8, row n % 8: byte 16c + 2i + j of each block's 256
+          const int8_t* wt = w + (n / 8) * nb * 256 + 2 * (n % 8);
+          for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(wt[(k / QB) * 256 + 16 * ((k % QB) / 2) + k % 2]) * sc;
+        } else {
+          for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(w[n * K + k]) * sc;
+        }
       }
     }
   });
@@ -725,6 +788,13 @@ class LlamaDecoder {
     return h;
   }
 
+  // Seconds spent in attention since the last call (benchmarks/sparse_attention.py).
+  double take_attention_seconds() {
+    const double t = attention_seconds_;
+    attention_seconds_ = 0.0;
+    return t;
+  }
+
   void set_sparse(int64_t block, int64_t ksize, int64_t kstride, int64_t init, int64_t window, int64_t topk, int64_t dense_len) {
     TORCH_CHECK(block > 0 && kstride > 0 && block % kstride == 0 && ksize % kstride == 0 && ksize >= kstride && topk > 0,
                 "sparse attention: block_size and kernel_size must be multiples of kernel_stride, topk > 0");
@@ -784,6 +854,7 @@ class LlamaDecoder {
     const int64_t G = H_ / Hkv_;
     const float sc_scale = static_cast<float>(scale_);
     const int64_t B = T / L, longest = *std::max_element(off, off + B) + L;
+    const auto attention_start = std::chrono::steady_clock::now();
     if (kern != nullptr) {  // InfLLM v2: one task per (token, KV head), dense below dense_len
       update_kernels(K, ks0, ks1, ks2, *kern, B, L, off);
       const float* kp = kern->data_ptr<float>();
@@ -860,6 +931,7 @@ class LlamaDecoder {
         }
       }
     }
+    attention_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - attention_start).count();
     ly.o.run(att_.data(), T, acts_, out_.data());
     const float r = static_cast<float>(rmul_);
     for (int64_t i = 0; i < T * n; ++i) h[i] += r * out_[i];
@@ -876,6 +948,7 @@ class LlamaDecoder {
 
   std::vector<Layer> layers_;
   SparseCfg sparse_;
+  double attention_seconds_ = 0.0;  // wall time in attention (kernel pooling, selection, softmax(qK)V)
   at::Tensor final_norm_;
   int64_t H_, Hkv_, D_, rd_, hidden_;
   double eps_, scale_, rmul_;
@@ -899,6 +972,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &LlamaDecoder::forward, pybind11::arg("x"), pybind11::arg("inv_freq"), pybind11::arg("rope_scale"),
            pybind11::arg("offsets"), pybind11::arg("L"), pybind11::arg("keys"), pybind11::arg("values"),
            pybind11::arg("kernels") = std::vector<at::Tensor>())
+      .def("take_attention_seconds", &LlamaDecoder::take_attention_seconds, "attention wall time since the last call")
       .def("set_sparse", &LlamaDecoder::set_sparse, "InfLLM v2 settings (block, kernel, stride, init, window, topk, dense_len)");
 #ifdef EDGELM_AVX2
   m.attr("isa") = "avx2";

@@ -114,7 +114,7 @@ def requantize_int8(t: GGUFTensor, bias=None) -> Int8Linear:
         Int8Linear.from_weight(dequantize_gguf_rows(t, i, min(i + REPACK_CHUNK_ROWS, N)))
         for i in range(0, N, REPACK_CHUNK_ROWS)
     ]
-    qweight = torch.cat([p.qweight for p in parts])
+    qweight = torch.cat([p.codes() for p in parts])
     return Int8Linear.from_quantized(qweight, torch.cat([p.scales for p in parts]), _bias(bias))
 
 

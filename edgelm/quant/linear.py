@@ -45,6 +45,7 @@ from edgelm.quant.primitives import (
     pack_int4,
     pack_int4_blocks,
     pack_int4_for_cpu,
+    pack_int8_tiles,
     quantize_int4,
     quantize_int8,
     split_scales_and_zeros,
@@ -52,6 +53,7 @@ from edgelm.quant.primitives import (
     unpack_int4_blocks,
     unpack_int4_from_cpu,
     unpack_int4_rows_from_cpu,
+    unpack_int8_tiles,
 )
 
 QUANTIZE_CHUNK_ROWS = 4096  # rows quantized at a time: bounds the fp32 temporaries of from_float
@@ -261,27 +263,55 @@ class Int4Linear(_QuantLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}, layout={self.layout}"
 
 
+def default_int8_layout(in_features: int) -> str:
+    """"tiles" (edgelm's kernels) when they are built and K is a multiple of 32, else "plain"."""
+    return "tiles" if kernels.available() and in_features % BLOCK == 0 else "plain"
+
+
 class Int8Linear(_QuantLinear):
-    """W[n, k] = qweight[n, k] * scales[n]: int8 codes, one bf16 scale per output channel.
-    `qweight` is a plain (N, K) int8 matrix, portable as is: the buffers are what state_dict saves."""
+    """W[n, k] = q[n, k] * scales[n]: int8 codes, one bf16 scale per output channel.
+
+    `qweight` (N, K) int8 holds the codes in the runtime `layout`: "plain" (row-major, what
+    torch._weight_int8pack_mm takes) or "tiles" (edgelm's kernels: rows interleaved in tiles of 8,
+    `pack_int8_tiles`). `codes()` reads them back in row order; state_dict always saves the plain
+    matrix under `qweight`, so files are portable whatever the runtime layout."""
 
     dequant_min_rows = 24  # the dense path already wins at M = 32 (module docstring)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, layout: str | None = None):
         check_int8_shape(out_features, in_features)
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.layout = layout or default_int8_layout(in_features)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE))
         self.bias = _bias_param(None, out_features, bias)
 
     @classmethod
-    def from_quantized(cls, qweight, scales, bias=None) -> "Int8Linear":
-        """qweight (N, K) int8, scales (N,): W = qweight * scales[:, None]."""
-        m = cls(qweight.shape[1], qweight.shape[0], bias is not None)
-        m.qweight, m.scales = qweight.to(torch.int8).contiguous(), scales.to(SCALE_DTYPE).contiguous()
+    def from_quantized(cls, qweight, scales, bias=None, layout: str | None = None) -> "Int8Linear":
+        """qweight (N, K) int8 codes in row order, scales (N,): W = qweight * scales[:, None]."""
+        m = cls(qweight.shape[1], qweight.shape[0], bias is not None, layout)
+        m.qweight, m.scales = m._to_layout(qweight.to(torch.int8)), scales.to(SCALE_DTYPE).contiguous()
         m.bias = _bias_param(bias, m.out_features, bias is not None)
         return m
+
+    def _to_layout(self, q: torch.Tensor) -> torch.Tensor:
+        return pack_int8_tiles(q) if self.layout == "tiles" else q.contiguous()
+
+    def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The int8 codes (N, K) in row order (or only `rows`)."""
+        if self.layout == "tiles":
+            return unpack_int8_tiles(self.qweight, rows)
+        return self.qweight if rows is None else self.qweight[rows]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = self.codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if prefix + "qweight" in state_dict:
+            self.qweight = self._to_layout(self.qweight)  # loaded in row order
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
@@ -296,18 +326,19 @@ class Int8Linear(_QuantLinear):
         return cls.from_quantized(q, scales, bias)
 
     def kernel_handle(self):
-        if kernels.available() and self.in_features % BLOCK == 0:
-            return self._edgelm_kernel(2, self.qweight, self.scales)
-        return None
+        return self._edgelm_kernel(2, self.qweight, self.scales) if self.layout == "tiles" else None
 
     def torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return _torch_kernel(torch._weight_int8pack_mm, x, self.qweight, self.scales, bias=self.bias)
+        return _torch_kernel(torch._weight_int8pack_mm, x, self.codes(), self.scales, bias=self.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int8(self.qweight, self.scales, dtype)
+        return dequantize_int8(self.codes(), self.scales, dtype)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return dequantize_int8(self.qweight[rows], self.scales[rows])
+        return dequantize_int8(self.codes(rows), self.scales[rows])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, layout={self.layout}"
 
 
 QUANTIZED_LINEARS = (Int4Linear, Int8Linear)
@@ -369,9 +400,14 @@ def fuse_quantized(linears: list[nn.Module]) -> Int4Linear | Int8Linear | None:
     if any(m.bias is not None for m in linears):
         bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in linears])
     if isinstance(first, Int8Linear):
-        return Int8Linear.from_quantized(
-            torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]), bias
-        )
+        scales = torch.cat([m.scales for m in linears])
+        tiled = all(m.layout == first.layout for m in linears) and all(m.out_features % TILE == 0 for m in linears[:-1])
+        if tiled:  # whole tiles (and row-major tails last) concatenate as they are
+            fused = Int8Linear(first.in_features, len(scales), bias is not None, first.layout)
+            fused.qweight, fused.scales = torch.cat([m.qweight for m in linears]), scales
+            fused.bias = _bias_param(bias, len(scales), bias is not None)
+            return fused
+        return Int8Linear.from_quantized(torch.cat([m.codes() for m in linears]), scales, bias)
     if any(m.group_size != first.group_size or m.layout != first.layout for m in linears):
         return None
     layout = first.layout

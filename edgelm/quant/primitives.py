@@ -233,6 +233,35 @@ def blocks_to_groups(block_sz: torch.Tensor, group_size: int, rows: torch.Tensor
     return sz[..., 0], sz[..., 1]
 
 
+def pack_int8_tiles(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes (N, K) -> the kernels' tiled order, same shape: per 8-row tile and 32-column
+    block, sixteen 16-byte chunks c with byte i = q[8t + i/2, 32b + 2c + i%2]; tail rows as they are."""
+    N, K = q.shape
+    T = _tiled(N)
+    t = q[:T].reshape(T // TILE, TILE, K // BLOCK, 16, 2).permute(0, 2, 3, 1, 4)  # (tile, block, c, row, pair)
+    return torch.cat([t.reshape(T, K), q[T:]]).contiguous()
+
+
+def unpack_int8_tiles(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `pack_int8_tiles`, or only `rows` (R,) of it (reading just their tiles)."""
+    N, K = packed.shape
+    T = _tiled(N)
+
+    def untile(x):  # whole tiles (n, K) -> rows
+        return x.reshape(-1, K // BLOCK, 16, TILE, 2).permute(0, 3, 1, 2, 4).reshape(-1, K)
+
+    if rows is None:
+        return torch.cat([untile(packed[:T]), packed[T:]])
+    rows = rows.reshape(-1).long()
+    in_tile = rows < T
+    out = torch.empty(len(rows), K, dtype=packed.dtype)
+    r = rows[in_tile]
+    tiles = untile(packed[:T].reshape(T // TILE, TILE * K)[r // TILE])  # (R' * 8, K)
+    out[in_tile] = tiles[torch.arange(len(r)) * TILE + r % TILE]
+    out[~in_tile] = packed[rows[~in_tile]]
+    return out
+
+
 # torch's CPU layout packs each block of BLOCK_N rows on its own (BLOCK_N = 32 with AVX2, 64 with
 # AVX-512) into a contiguous run of BLOCK_N * K / 2 bytes, nibble order depending on the ISA. We
 # only rely on "blocks of 64 rows are independent and in order", which holds for every BLOCK_N that
