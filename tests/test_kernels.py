@@ -48,19 +48,21 @@ def make(kind: str, N: int, K: int, bias: bool):
     return Int4Linear.from_float(linear, int(kind[6:]), symmetric=False)  # "int4_g64"
 
 
-# K: 4, 18 (8 + 8 + 2 tail), 48 and 11 blocks; each group size with the K it divides
+# K: 4, 18 (8 + 8 + 2 tail), 48 and 11 blocks; each group size with the K it divides. N: 10 or 11
+# 8-row tiles; int8 also with a 3-row tail (int4 needs N % 16 == 0, so it never has one).
 MATMUL_CASES = [
-    (kind, K)
+    (kind, K, N)
     for kind in ["int4_g32", "int4_g64", "int4_g128", "int8"]
     for K in [128, 576, 1536, 352]
+    for N in ([80, 83] if kind == "int8" else [80, 96])
     if kind == "int8" or K % int(kind[6:]) == 0
 ]
 
 
-@pytest.mark.parametrize("kind,K", MATMUL_CASES)
+@pytest.mark.parametrize("kind,K,N", MATMUL_CASES)
 @pytest.mark.parametrize("M", [1, 3, 4, 9])
-def test_matmul_equals_reference_on_rounded_activations(kind, K, M):
-    m = make(kind, 80, K, bias=True)
+def test_matmul_equals_reference_on_rounded_activations(kind, K, N, M):
+    m = make(kind, N, K, bias=True)
     assert kind == "int8" or m.layout == "blocks"
     x = torch.randn(M, K) * torch.linspace(0.1, 3, K)  # uneven magnitudes across blocks
     y = m.kernel(x)
@@ -69,6 +71,19 @@ def test_matmul_equals_reference_on_rounded_activations(kind, K, M):
     assert (y.double() - exact).abs().max() / exact.abs().max() < 1e-5
     ref = x.double() @ w.T + m.bias.double()
     assert (y.double() - ref).norm() / ref.norm() < 1e-4
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("N,K", [(80, 576), (83, 100)], ids=["even", "odd-rows-K-tail"])
+def test_dense_fp32_matmul(M, N, K):
+    """Kind 0: f32_rows for up to 8 rows (two weight rows per pass, K tail), torch's GEMM above."""
+    linear = torch.nn.Linear(K, N)
+    w, b = linear.weight.detach(), linear.bias.detach()
+    handle = kernels.ext().make_linear(0, w, torch.empty(0), b)
+    x = torch.randn(M, K)
+    ref = x.double() @ w.double().T + b.double()
+    y = kernels.ext().linear(handle, x)
+    assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-6
 
 
 def test_zero_and_constant_blocks():
@@ -239,5 +254,5 @@ def test_fast_step_on_config_variants(extra):
 
 @pytest.mark.parametrize("kind", ["int4_g32", "int4_g128", "int8"])
 def test_dequantize_is_bit_identical_to_the_reference(kind):
-    m = make(kind, 96, 256, bias=False)
+    m = make(kind, 101 if kind == "int8" else 96, 256, bias=False)  # int8: 12 tiles and a 5-row tail
     assert torch.equal(m.dense_weight(torch.float32), m.dequantize())

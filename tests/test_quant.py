@@ -44,6 +44,7 @@ from edgelm.quant.primitives import (
     pack_int4,
     pack_int4_blocks,
     pack_int4_for_cpu,
+    pack_int8_tiles,
     quantize_int4,
     quantize_int8,
     quantize_weight,
@@ -51,6 +52,7 @@ from edgelm.quant.primitives import (
     unpack_int4_blocks,
     unpack_int4_from_cpu,
     unpack_int4_rows_from_cpu,
+    unpack_int8_tiles,
 )
 
 STORIES = "/work/shared/models/stories260K/stories260K.bin"
@@ -151,12 +153,21 @@ def test_portable_pack_round_trip():
     assert torch.equal(unpack_int4(packed), q)
 
 
-@pytest.mark.parametrize("rows", [16, 48, 64, 80, 144])
+@pytest.mark.parametrize("rows", [16, 48, 64, 80, 144, 19, 83])  # whole 8-row tiles, then tails
 def test_block_layout_round_trip(rows):
     q = torch.randint(0, 16, (rows, 96), dtype=torch.uint8)
     packed = pack_int4_blocks(q)
-    assert torch.equal(packed[0, 0], q[0, 0] | (q[0, 16] << 4))  # byte j = q[j] | q[j + 16] << 4
+    # tile 0, block 0, chunk 0: byte 2i + j = q[i, j] | q[i, 16 + j] << 4 (8 rows' k-pairs side by side)
+    assert torch.equal(packed[0, 0], q[0, 0] | (q[0, 16] << 4))
+    assert torch.equal(packed[0, 3], q[1, 1] | (q[1, 17] << 4))
+    if rows % 8:  # a tail row is row-major: byte j = q[j] | q[j + 16] << 4
+        assert torch.equal(packed[-1, 1], q[-1, 1] | (q[-1, 17] << 4))
     assert torch.equal(unpack_int4_blocks(packed), q)
+    picks = torch.tensor([rows - 1, 0, 9 % rows, rows - 1])
+    assert torch.equal(unpack_int4_blocks(packed, picks), q[picks])
+    w = torch.randint(-127, 128, (rows, 96), dtype=torch.int8)
+    assert torch.equal(unpack_int8_tiles(pack_int8_tiles(w)), w)
+    assert torch.equal(unpack_int8_tiles(pack_int8_tiles(w), picks), w[picks])
 
 
 @pytest.mark.parametrize("rows", [16, 48, 64, 80, 144])
