@@ -140,13 +140,14 @@ def table(rows_dir: Path) -> str:
     found = [(p.stem, json.loads(p.read_text())) for p in sorted(rows_dir.glob("*.json"))]
     found.sort(key=lambda f: (ROWS.index(f[1]["row"]), len(f[0]), f[0]))  # a row, then its --tag variants
     base = next((r for stem, r in found if stem == "fp32"), None)
-    lines = ["| model | PPL | Δ vs fp32 | size on disk (MB) | decode tok/s | notes |", "|---|---|---|---|---|---|"]
+    lines = ["| model | PPL | Δ vs fp32 | size on disk (MB) | decode tok/s (shared CPU, not comparable) | notes |",
+             "|---|---|---|---|---|---|"]
     keys = ("group_size", "calib", "prefix_skip", "prefix_weight", "prefix_spike", "act_order", "mse", "head_bits", "head_gptq",
             "steps", "train_tokens")
     for _, r in found:
         name = r["row"]
         delta = f"{100 * (r['ppl'] / base['ppl'] - 1):+.4g}%" if base else "n/a"
-        notes = ", ".join(f"{k}={r[k]}" for k in keys if k in r)
+        notes = "per output channel" if name == "int8" else ", ".join(f"{k}={r[k]}" for k in keys if k in r)
         head = "GPTQ int4" if r.get("head_gptq") and r.get("head_bits") != 8 else "GPTQ int8" if r.get("head_gptq") else "int8"
         label = LABELS[name] + (f", {head} LM head" if r.get("head_gptq") or r.get("head_bits") == 8 else "")
         lines.append(f"| {label} | {r['ppl']:.4g} | {delta} | {r['size_bytes'] / 1e6:.1f} | "
