@@ -8,14 +8,13 @@
 //
 // Formats (edgelm/quant/primitives.py):
 //   int4 "blocks": qs (N, K/2) uint8, sz (N, K/32, 2) bf16, one (scale, zero) per 32-weight block,
-//     W[n,k] = (q - 8) * scale + zero, q in 0..15. Rows come in tiles of 8 (the first N - N % 8 rows):
+//     W[n,k] = (q - 8) * scale + zero, q in 0..15. Rows come in tiles of 8 (N % 8 == 0):
 //     tile t, block b is 128 bytes at qs + (t * K/32 + b) * 128, eight 16-byte chunks c where byte i
 //     = q[8t + i/2, 32b + 2c + i%2] | q[8t + i/2, 32b + 16 + 2c + i%2] << 4, and its scales are
 //     16 bf16 at sz + (t * K/32 + b) * 16: scale[0..8) then zero[0..8) of the tile's rows. So one
 //     16-byte load widens to two int16x16 vectors holding a k-pair of each of the 8 rows per 32-bit
 //     lane: madd_epi16 with a broadcast activation pair gives the 8 rows' partial sums with no
-//     horizontal reduction. The N % 8 tail rows are row-major: block b of row n is bytes
-//     [16b, 16b + 16) of the row, byte j = q[32b+j] | q[32b+j+16] << 4, and (scale, zero) pairs.
+//     horizontal reduction.
 //   int8: w (N, K) int8, scale (N,) bf16; W[n,k] = w * scale. Rows in tiles of 8 as for int4: tile t,
 //     block b is 256 bytes at w + (t * K/32 + b) * 256, sixteen 16-byte chunks c where byte i =
 //     w[8t + i/2, 32b + 2c + i%2]; the N % 8 tail rows are row-major.
@@ -312,80 +311,10 @@ inline void unpack_block(const uint8_t* p, __m256i& w0, __m256i& w1) {
 }
 #endif
 
-// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias) for rows n in [n0, n1), W int4 blocks with one
-// (scale, zero) per 32-block (sz (N, K/32, 2), group sizes > 32 expanded at load).
-// Per block: sum_j x_j ((q_j - 8) d + z) = xs d dot(q, xq) + (z - 8d) xs sum(xq).
-// Eight blocks at a time: their sums are reduced into one vector so that scales, zeros and the
-// activation scales are applied with vector ops (a scalar per-block epilogue costs ~2x the
-// instructions and leaves the kernel compute-bound far below the memory roofline).
-template <int MB>
-void q4_rows(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz, const float* bias, float* y, int64_t N,
-             int64_t n0, int64_t n1) {
-  const int64_t K = a.K, nb = K / QB;
-  const int16_t* xq = a.q.data() + m0 * K;
-  const float* xs = a.s.data() + m0 * nb;
-  const float* xss = a.ss.data() + m0 * nb;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wq = qs + n * (K / 2);
-    const uint16_t* szr = sz + n * nb * 2;
-    float tail[MB];
-    for (int m = 0; m < MB; ++m) tail[m] = 0.f;
-    int64_t b = 0;
-#ifdef EDGELM_AVX2
-    __m256 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
-    const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-    for (; b + 8 <= nb; b += 8) {
-      __m256i w0[8], w1[8];
-      for (int j = 0; j < 8; ++j) unpack_block(wq + (b + j) * 16, w0[j], w1[j]);
-      const __m256i dz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szr + 2 * b));  // (d, z) bf16 pairs
-      const __m256 d = _mm256_castsi256_ps(_mm256_slli_epi32(dz, 16));
-      const __m256 mn = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), d, _mm256_castsi256_ps(_mm256_and_si256(dz, hi_mask)));
-      for (int m = 0; m < MB; ++m) {
-        __m256i p[8];
-        for (int j = 0; j < 8; ++j) p[j] = dot32(w0[j], w1[j], xq + m * K + (b + j) * QB);
-        const __m256 f = _mm256_mul_ps(d, _mm256_loadu_ps(xs + m * nb + b));
-        acc[m] = _mm256_fmadd_ps(reduce8(p), f, acc[m]);
-        acc[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xss + m * nb + b), acc[m]);
-      }
-    }
-    for (; b < nb; ++b) {  // tail blocks, one at a time
-      const float d = bf16_to_float(szr[2 * b]), mn = bf16_to_float(szr[2 * b + 1]) - 8.f * d;
-      __m256i w0, w1;
-      unpack_block(wq + b * 16, w0, w1);
-      for (int m = 0; m < MB; ++m) {
-        const __m256i p = dot32(w0, w1, xq + m * K + b * QB);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[m * nb + b]), acc[m]);
-        tail[m] += mn * xss[m * nb + b];
-      }
-    }
-#endif
-    for (; b < nb; ++b) {  // the whole row without AVX2
-      const float d = bf16_to_float(szr[2 * b]), mn = bf16_to_float(szr[2 * b + 1]) - 8.f * d;
-      for (int m = 0; m < MB; ++m) {
-        const int16_t* xb = xq + m * K + b * QB;
-        int sum = 0;
-        for (int j = 0; j < 16; ++j) {
-          const uint8_t byte = wq[b * 16 + j];
-          sum += (byte & 15) * xb[j] + (byte >> 4) * xb[j + 16];
-        }
-        tail[m] += d * xs[m * nb + b] * sum + mn * xss[m * nb + b];
-      }
-    }
-    for (int m = 0; m < MB; ++m) {
-      float v = tail[m];
-#ifdef EDGELM_AVX2
-      v += hsum(acc[m]);
-#endif
-      y[(m0 + m) * N + n] = v + (bias ? bias[n] : 0.f);
-    }
-  }
-}
-
 // y[m, 8t + i] for tiles t in [t0, t1) of the int4 tile layout (header), MB activation rows.
 // Per (tile, block, row): 16 madd_epi16 of the unpacked weights with broadcast activation pairs
 // into one int32x8 (lane i = row 8t + i), then scales as vectors: ~2x fewer instructions per
-// weight than q4_rows's reduce8 epilogue, and the unpacked weights are shared by all MB rows.
+// weight than a row-major kernel's horizontal sums, and the unpacked weights serve all MB rows.
 template <int MB>
 void q4_tiles(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz, const float* bias, float* y, int64_t N,
               int64_t t0, int64_t t1) {
@@ -518,8 +447,8 @@ void for_row_chunks8(int64_t M, F f) {
   }
 }
 
-// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias), W int8 per output channel; eight blocks at a time
-// as in q4_rows.
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias) for the row-major tail rows n in [n0, n1) of an int8
+// W (N % 8 of them): eight blocks' int32 sums reduced into one vector, then the activation scales.
 template <int MB>
 void q8_rows(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale, const float* bias, float* y,
              int64_t N, int64_t n0, int64_t n1) {
@@ -651,13 +580,6 @@ struct Linear {
       at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(K / 2) / 8), [&](int64_t t0, int64_t t1) {
         for_row_chunks8(M, [&](auto mb, int64_t m) { q4_tiles<decltype(mb)::value>(a, m, qs, sz, b, y, N, t0, t1); });
       });
-      if (N % 8) {  // the row-major tail rows (N % 8 of them)
-        for_row_chunks(
-            M, [&](int64_t m) { q4_rows<4>(a, m, qs, sz, b, y, N, 8 * tiles, N); },
-            [&](int64_t m) { q4_rows<3>(a, m, qs, sz, b, y, N, 8 * tiles, N); },
-            [&](int64_t m) { q4_rows<2>(a, m, qs, sz, b, y, N, 8 * tiles, N); },
-            [&](int64_t m) { q4_rows<1>(a, m, qs, sz, b, y, N, 8 * tiles, N); });
-      }
     } else {
       const int8_t* wq = w.data_ptr<int8_t>();
       const uint16_t* sc = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
@@ -685,6 +607,7 @@ void check_linear(const Linear& l) {
     TORCH_CHECK(l.w.scalar_type() == at::kByte && l.w.is_contiguous() && l.w.size(1) * 2 == l.K, "int4 qs must be (N, K/2) uint8");
     TORCH_CHECK(l.s.scalar_type() == at::kBFloat16 && l.s.is_contiguous() && l.s.numel() == l.N * (l.K / QB) * 2,
                 "int4 scales must be (N, K/32, 2) bf16 (one pair per 32-block)");
+    TORCH_CHECK(l.N % 8 == 0, "int4 rows come in tiles of 8, got N = ", l.N);
   } else if (l.kind == 2) {
     TORCH_CHECK(l.w.scalar_type() == at::kChar && l.w.is_contiguous() && l.w.size(1) == l.K, "int8 weight must be (N, K) int8");
     TORCH_CHECK(l.s.scalar_type() == at::kBFloat16 && l.s.numel() == l.N, "int8 scales must be (N,) bf16");
@@ -733,14 +656,11 @@ at::Tensor dequantize(const Linear& l) {
       if (l.kind == 1) {
         const uint8_t* qs = l.w.data_ptr<uint8_t>();
         const uint16_t* sz = reinterpret_cast<const uint16_t*>(l.s.data_ptr<at::BFloat16>());
-        const bool tiled = n < l.N / 8 * 8;
-        const int64_t t = n / 8, i = n % 8;
+        const int64_t t = n / 8, i = n % 8;  // tile, row in it
         for (int64_t b = 0; b < nb; ++b) {
-          float d, z;
-          if (tiled) d = bf16_to_float(sz[(t * nb + b) * 16 + i]), z = bf16_to_float(sz[(t * nb + b) * 16 + 8 + i]);
-          else d = bf16_to_float(sz[(n * nb + b) * 2]), z = bf16_to_float(sz[(n * nb + b) * 2 + 1]);
+          const float d = bf16_to_float(sz[(t * nb + b) * 16 + i]), z = bf16_to_float(sz[(t * nb + b) * 16 + 8 + i]);
           for (int j = 0; j < 16; ++j) {  // codes k = j and k = j + 16 of the block; (q - 8) * d + z as dequantize_int4
-            const uint8_t byte = tiled ? qs[(t * nb + b) * 128 + 16 * (j / 2) + 2 * i + j % 2] : qs[n * (K / 2) + b * 16 + j];
+            const uint8_t byte = qs[(t * nb + b) * 128 + 16 * (j / 2) + 2 * i + j % 2];
             row[b * QB + j] = static_cast<float>((byte & 15) - 8) * d + z;
             row[b * QB + j + 16] = static_cast<float>((byte >> 4) - 8) * d + z;
           }

@@ -148,9 +148,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # edgelm's own kernel layout (edgelm/kernels/cpu.cpp, whose header has the byte-level picture).
 # Rows come in tiles of TILE = 8: for each 32-weight block, the tile's 8 rows are interleaved so that
 # one 16-byte load widens to two int16 vectors holding a k-pair of every row per 32-bit lane (the
-# kernel then needs no horizontal sums). The N % 8 tail rows stay row-major, each 32-block 16 bytes
-# with byte j = q[j] | q[j + 16] << 4. Scales follow the same tiles: per (tile, block) the 8 rows'
-# scales, then their zeros.
+# kernel then needs no horizontal sums). Scales follow the same tiles: per (tile, block) the 8 rows'
+# scales, then their zeros. int4 rows always fill whole tiles (check_int4_shape: N % 16 == 0);
+# int8 (`pack_int8_tiles`) keeps its N % 8 tail rows row-major.
 BLOCK = 32
 TILE = 8
 
@@ -160,47 +160,25 @@ def _tiled(n: int) -> int:
 
 
 def pack_int4_blocks(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) 0..15 -> (N, K/2) uint8 in the kernels' block layout (K a multiple of 32)."""
+    """q (N, K) 0..15 -> (N, K/2) uint8 in the kernels' block layout (N % 8 == 0, K % 32 == 0)."""
     N, K = q.shape
-    q, T = q.to(torch.uint8), _tiled(N)
-    out = torch.empty(N, K // 2, dtype=torch.uint8)
-    # tile rows: (tile, row, block, half, c, pair) with k = 32 block + 16 half + 2 c + pair
+    # (tile, row, block, half, c, pair) with k = 32 block + 16 half + 2 c + pair
     # -> bytes ordered (tile, block, c, row, pair), the half-16 codes in the high nibble
-    t = q[:T].reshape(T // TILE, TILE, K // BLOCK, 2, 8, 2).permute(0, 2, 4, 1, 5, 3)
-    out[:T] = (t[..., 0] | (t[..., 1] << 4)).reshape(T, K // 2)
-    b = q[T:].reshape(N - T, K // BLOCK, 2, BLOCK // 2)
-    out[T:] = (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N - T, K // 2)
-    return out
+    t = q.to(torch.uint8).reshape(N // TILE, TILE, K // BLOCK, 2, 8, 2).permute(0, 2, 4, 1, 5, 3)
+    return (t[..., 0] | (t[..., 1] << 4)).reshape(N, K // 2)
 
 
 def unpack_int4_blocks(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of `pack_int4_blocks`: (N, K/2) uint8 -> (N, K) uint8 codes, or only `rows` (R,)
     of them (reading just the tiles that hold them: embedding lookups)."""
     N, half = packed.shape
-    K, T = half * 2, _tiled(N)
     if rows is not None:
         rows = rows.reshape(-1).long()
-        in_tile = rows < T
-        tiles = packed[:T].reshape(T // TILE, TILE * half)[rows[in_tile] // TILE]
-        out = torch.empty(len(rows), K, dtype=torch.uint8)
-        out[in_tile] = _untile_codes(tiles.reshape(-1, half), K)[torch.arange(len(tiles)) * TILE + rows[in_tile] % TILE]
-        out[~in_tile] = _unpack_row_blocks(packed[rows[~in_tile]])
-        return out
-    return torch.cat([_untile_codes(packed[:T], K), _unpack_row_blocks(packed[T:])])
-
-
-def _untile_codes(packed: torch.Tensor, K: int) -> torch.Tensor:
-    """Whole tiles' bytes (T, K/2) -> codes (T, K)."""
-    T = packed.shape[0]
-    t = packed.reshape(T // TILE, K // BLOCK, 8, TILE, 2)  # (tile, block, c, row, pair)
+        tiles = packed.reshape(N // TILE, TILE * half)[rows // TILE].reshape(-1, half)
+        return unpack_int4_blocks(tiles)[torch.arange(len(rows)) * TILE + rows % TILE]
+    t = packed.reshape(N // TILE, half // 16, 8, TILE, 2)  # (tile, block, c, row, pair)
     t = torch.stack([t & 15, t >> 4], dim=-1)  # (..., half)
-    return t.permute(0, 3, 1, 5, 2, 4).reshape(T, K)
-
-
-def _unpack_row_blocks(packed: torch.Tensor) -> torch.Tensor:
-    N, half = packed.shape
-    b = packed.reshape(N, half // (BLOCK // 2), 1, BLOCK // 2)
-    return torch.cat([b & 15, b >> 4], dim=2).reshape(N, half * 2)
+    return t.permute(0, 3, 1, 5, 2, 4).reshape(N, half * 2)
 
 
 def expand_to_blocks(scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -209,27 +187,19 @@ def expand_to_blocks(scales: torch.Tensor, zeros: torch.Tensor, group_size: int)
     sz = torch.stack([scales, zeros], dim=-1).to(SCALE_DTYPE)  # (N, G, 2)
     sz = sz.repeat_interleave(group_size // BLOCK, dim=1)  # (N, nb, 2)
     N, nb, _ = sz.shape
-    T = _tiled(N)
-    tiles = sz[:T].reshape(T // TILE, TILE, nb, 2).permute(0, 2, 3, 1).reshape(T, nb, 2)  # (tile, block, s/z, row)
-    return torch.cat([tiles, sz[T:]]).contiguous()
+    return sz.reshape(N // TILE, TILE, nb, 2).permute(0, 2, 3, 1).reshape(N, nb, 2).contiguous()  # (tile, block, s/z, row)
 
 
 def blocks_to_groups(block_sz: torch.Tensor, group_size: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of `expand_to_blocks`: (N, K/32, 2) -> scales, zeros (N, G), or only `rows`."""
     N, nb, _ = block_sz.shape
-    T = _tiled(N)
-    tiles = block_sz[:T].reshape(T // TILE, nb, 2, TILE)  # (tile, block, s/z, row)
-    step = group_size // BLOCK
+    tiles = block_sz.reshape(N // TILE, nb, 2, TILE)  # (tile, block, s/z, row)
     if rows is None:
-        sz = torch.cat([tiles.permute(0, 3, 1, 2).reshape(T, nb, 2), block_sz[T:]])[:, ::step]
+        sz = tiles.permute(0, 3, 1, 2).reshape(N, nb, 2)
     else:
         rows = rows.reshape(-1).long()
-        sz = torch.empty(len(rows), nb, 2, dtype=block_sz.dtype)
-        in_tile = rows < T
-        r = rows[in_tile]
-        sz[in_tile] = tiles[r // TILE, :, :, r % TILE]
-        sz[~in_tile] = block_sz[rows[~in_tile]]
-        sz = sz[:, ::step]
+        sz = tiles[rows // TILE, :, :, rows % TILE]  # (R, nb, 2)
+    sz = sz[:, :: group_size // BLOCK]
     return sz[..., 0], sz[..., 1]
 
 
