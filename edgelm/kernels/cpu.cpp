@@ -309,6 +309,16 @@ inline void unpack_block(const uint8_t* p, __m256i& w0, __m256i& w1) {
   w0 = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
   w1 = _mm256_srli_epi16(v, 4);
 }
+
+// dot[m] += madd(w, the activation pair `pair` of row m's block at xb + m * K), m < MB: the tile
+// kernels' inner step (lane i of w holds a k-pair of tile row i).
+template <int MB>
+inline void madd_rows(__m256i* dot, __m256i w, const int16_t* xb, int64_t K, int pair) {
+  for (int m = 0; m < MB; ++m) {
+    const int32_t* xp = reinterpret_cast<const int32_t*>(xb + m * K);
+    dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(w, _mm256_set1_epi32(xp[pair])));
+  }
+}
 #endif
 
 // y[m, 8t + i] for tiles t in [t0, t1) of the int4 tile layout (header), MB activation rows.
@@ -335,11 +345,8 @@ void q4_tiles(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz,
       for (int c = 0; c < 8; ++c) {
         __m256i lo, hi;
         unpack_block(p + 16 * c, lo, hi);
-        for (int m = 0; m < MB; ++m) {
-          const int32_t* xp = reinterpret_cast<const int32_t*>(xq + m * K + b * QB);  // activation pairs
-          dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(lo, _mm256_set1_epi32(xp[c])));
-          dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(hi, _mm256_set1_epi32(xp[c + 8])));
-        }
+        madd_rows<MB>(dot, lo, xq + b * QB, K, c);  // k = 2c, 2c + 1
+        madd_rows<MB>(dot, hi, xq + b * QB, K, c + 8);  // k = 16 + 2c, 17 + 2c
       }
       const __m256i dz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + b * 16));  // scale[8], zero[8]
       const __m256 d = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(dz)), 16));
@@ -397,10 +404,7 @@ void q8_tiles(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale
       const int8_t* p = wt + b * 256;
       for (int c = 0; c < 16; ++c) {
         const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c)));
-        for (int m = 0; m < MB; ++m) {
-          const int32_t* xp = reinterpret_cast<const int32_t*>(xq + m * K + b * QB);
-          dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(v, _mm256_set1_epi32(xp[c])));
-        }
+        madd_rows<MB>(dot, v, xq + b * QB, K, c);
       }
       for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_set1_ps(xs[m * nb + b]), acc[m]);
     }
