@@ -144,7 +144,7 @@ def _cache_plan(cache: list, B: int, L: int, like: torch.Tensor, shape: tuple[in
         if first.keys.dtype != torch.float32 or first.keys.shape[0] != B:
             return None
         offsets = torch.full((B,), first.offset, dtype=torch.long)
-        kernels = [c.kernel_buffer(end) for c in cache] if sparse is not None else []
+        pooled = [c.kernel_buffer(end) for c in cache] if sparse is not None else []
 
         def commit():
             for c in cache:
@@ -152,7 +152,7 @@ def _cache_plan(cache: list, B: int, L: int, like: torch.Tensor, shape: tuple[in
                 if sparse is not None:
                     c.kernels_written()
 
-        return [c.keys for c in cache], [c.values for c in cache], offsets, commit, kernels
+        return [c.keys for c in cache], [c.values for c in cache], offsets, commit, pooled
     if sparse is not None or kind not in _VIEWS or first.keys.dtype != torch.float32 or first.offset + L > first.keys.shape[2]:
         return None
     if kind is _VIEWS[0]:  # one engine slot (prefill chunk)
@@ -180,7 +180,8 @@ def hidden_states(model, tokens: torch.Tensor, cache, ctx):
     h = model.model.embed_tokens(tokens)
     if h.dtype != torch.float32:
         return None
-    plan = _cache_plan(cache, B, L, h, (attn.num_kv_heads, attn.head_dim), key[4])
+    sparse = key[4]  # the layers' SparseConfig (or None), part of the decoder's key
+    plan = _cache_plan(cache, B, L, h, (attn.num_kv_heads, attn.head_dim), sparse)
     if plan is None:
         return None
     keys, values, offsets, commit, kernel_buffers = plan
