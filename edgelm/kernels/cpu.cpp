@@ -433,22 +433,23 @@ void q8_tiles(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale
   }
 }
 
-// Calls f.template operator()<MB>(m) over rows [0, M) in chunks of up to 8 (each chunk reads the
-// weights once; 8 rows' int32 sums plus the unpacked block fit the 16 ymm registers).
-template <typename F>
-void for_row_chunks8(int64_t M, F f) {
-  int64_t m = 0;
-  for (; m + 8 <= M; m += 8) f(std::integral_constant<int, 8>(), m);
-  switch (M - m) {
-    case 7: f(std::integral_constant<int, 7>(), m); break;
-    case 6: f(std::integral_constant<int, 6>(), m); break;
-    case 5: f(std::integral_constant<int, 5>(), m); break;
-    case 4: f(std::integral_constant<int, 4>(), m); break;
-    case 3: f(std::integral_constant<int, 3>(), m); break;
-    case 2: f(std::integral_constant<int, 2>(), m); break;
-    case 1: f(std::integral_constant<int, 1>(), m); break;
-    default: break;
+// Calls f(std::integral_constant<int, MB>(), m) over rows [0, M) in chunks of MB <= MAX rows
+// starting at m: each chunk reads the weights once, and MB is a compile-time count of registers
+// (8 for the tile kernels: 8 rows' int32 sums plus the unpacked block fit the 16 ymm registers;
+// 4 for the fp32 and int8 tail kernels, whose accumulators are per weight row).
+template <int R, typename F>
+void rest_chunk(int64_t rows, int64_t m, F& f) {
+  if constexpr (R > 0) {
+    if (rows == R) f(std::integral_constant<int, R>(), m);
+    else rest_chunk<R - 1>(rows, m, f);
   }
+}
+
+template <int MAX, typename F>
+void for_row_chunks(int64_t M, F f) {
+  int64_t m = 0;
+  for (; m + MAX <= M; m += MAX) f(std::integral_constant<int, MAX>(), m);
+  rest_chunk<MAX - 1>(M - m, m, f);
 }
 
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias) for the row-major tail rows n in [n0, n1) of an int8
@@ -538,17 +539,6 @@ void f32_rows(const float* x, int64_t K, int64_t m0, const float* w, const float
   }
 }
 
-// Dispatch rows of x in chunks of up to 4 for every output row range (weights read once per chunk
-// of 4 activation rows; the row's bytes stay in L1 across chunks).
-template <typename F4, typename F3, typename F2, typename F1>
-void for_row_chunks(int64_t M, F4 f4, F3 f3, F2 f2, F1 f1) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) f4(m);
-  const int64_t rest = M - m;
-  if (rest == 3) f3(m);
-  if (rest == 2) f2(m);
-  if (rest == 1) f1(m);
-}
 
 struct Linear {
   int kind = 0;  // 0 dense fp32 (w (N, K)), 1 int4 blocks, 2 int8 per channel
@@ -561,11 +551,7 @@ struct Linear {
     if (kind == 0 && M <= 8 && w.is_contiguous()) {  // few rows: one pass over the weights (f32_rows)
       const float* wp = w.data_ptr<float>();
       at::parallel_for(0, N, std::max<int64_t>(2, grain_rows(K * 4)), [&](int64_t n0, int64_t n1) {
-        for_row_chunks(
-            M, [&](int64_t m) { f32_rows<4>(x, K, m, wp, b, y, N, n0, n1); },
-            [&](int64_t m) { f32_rows<3>(x, K, m, wp, b, y, N, n0, n1); },
-            [&](int64_t m) { f32_rows<2>(x, K, m, wp, b, y, N, n0, n1); },
-            [&](int64_t m) { f32_rows<1>(x, K, m, wp, b, y, N, n0, n1); });
+        for_row_chunks<4>(M, [&](auto mb, int64_t m) { f32_rows<decltype(mb)::value>(x, K, m, wp, b, y, N, n0, n1); });
       });
       return;
     }
@@ -582,21 +568,17 @@ struct Linear {
       const uint16_t* sz = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
       const int64_t tiles = N / 8;
       at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(K / 2) / 8), [&](int64_t t0, int64_t t1) {
-        for_row_chunks8(M, [&](auto mb, int64_t m) { q4_tiles<decltype(mb)::value>(a, m, qs, sz, b, y, N, t0, t1); });
+        for_row_chunks<8>(M, [&](auto mb, int64_t m) { q4_tiles<decltype(mb)::value>(a, m, qs, sz, b, y, N, t0, t1); });
       });
     } else {
       const int8_t* wq = w.data_ptr<int8_t>();
       const uint16_t* sc = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
       const int64_t tiles = N / 8;
       at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(K) / 8), [&](int64_t t0, int64_t t1) {
-        for_row_chunks8(M, [&](auto mb, int64_t m) { q8_tiles<decltype(mb)::value>(a, m, wq, sc, b, y, N, t0, t1); });
+        for_row_chunks<8>(M, [&](auto mb, int64_t m) { q8_tiles<decltype(mb)::value>(a, m, wq, sc, b, y, N, t0, t1); });
       });
       if (N % 8) {  // the row-major tail rows
-        for_row_chunks(
-            M, [&](int64_t m) { q8_rows<4>(a, m, wq, sc, b, y, N, 8 * tiles, N); },
-            [&](int64_t m) { q8_rows<3>(a, m, wq, sc, b, y, N, 8 * tiles, N); },
-            [&](int64_t m) { q8_rows<2>(a, m, wq, sc, b, y, N, 8 * tiles, N); },
-            [&](int64_t m) { q8_rows<1>(a, m, wq, sc, b, y, N, 8 * tiles, N); });
+        for_row_chunks<4>(M, [&](auto mb, int64_t m) { q8_rows<decltype(mb)::value>(a, m, wq, sc, b, y, N, 8 * tiles, N); });
       }
     }
   }

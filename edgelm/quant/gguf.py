@@ -25,7 +25,7 @@ from torch import nn
 
 from edgelm.formats.gguf import GGUFTensor
 from edgelm.quant.linear import Int4Linear, Int8Linear, default_int4_layout
-from edgelm.quant.primitives import INT4_ROW_MULTIPLE, check_int4_shape
+from edgelm.quant.primitives import INT4_ROW_MULTIPLE, check_int4_shape, quantize_int8
 from edgelm.quant.quantize import record_quantization, set_module, tie_quantized_embeddings, tied_embeddings
 
 DENSE_TYPES = ("F32", "F16", "BF16")
@@ -110,12 +110,9 @@ def dequantize_gguf_rows(t: GGUFTensor, start: int, stop: int) -> torch.Tensor:
 def requantize_int8(t: GGUFTensor, bias=None) -> Int8Linear:
     """Any GGUF type gguf-py can dequantize -> Int8Linear per channel, a chunk of rows at a time."""
     N, _ = t.shape
-    parts = [
-        Int8Linear.from_weight(dequantize_gguf_rows(t, i, min(i + REPACK_CHUNK_ROWS, N)))
-        for i in range(0, N, REPACK_CHUNK_ROWS)
-    ]
-    qweight = torch.cat([p.codes() for p in parts])
-    return Int8Linear.from_quantized(qweight, torch.cat([p.scales for p in parts]), _bias(bias))
+    parts = [quantize_int8(dequantize_gguf_rows(t, i, min(i + REPACK_CHUNK_ROWS, N))) for i in range(0, N, REPACK_CHUNK_ROWS)]
+    q, scales = (torch.cat(p) for p in zip(*parts))
+    return Int8Linear.from_quantized(q, scales, _bias(bias))  # packed into the runtime layout once
 
 
 def module_for_gguf_tensor(t: GGUFTensor, bias=None, dtype: torch.dtype = torch.float32) -> nn.Module:

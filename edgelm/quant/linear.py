@@ -411,11 +411,10 @@ def fuse_quantized(linears: list[nn.Module]) -> Int4Linear | Int8Linear | None:
     if any(m.group_size != first.group_size or m.layout != first.layout for m in linears):
         return None
     layout = first.layout
-    # tiles of 8 rows ("blocks") and torch's blocks of 64 rows pack independently: whole ones concatenate
-    independent = linears[:-1] if layout == "blocks" else linears
-    if all(m.out_features % (TILE if layout == "blocks" else PACK_ROWS) == 0 for m in independent):
+    # "blocks" rows come in whole 8-row tiles (N % 16 == 0) and torch's in blocks of 64: both concatenate
+    if layout == "blocks" or all(m.out_features % PACK_ROWS == 0 for m in linears):
         packed = torch.cat([m.packed for m in linears])
-        sz = torch.cat([m.block_sz if layout == "blocks" else m.scales_and_zeros for m in linears], Int4Linear.scale_row_dim(layout))
-        return Int4Linear.from_packed(packed, sz, first.group_size, bias, layout)
-    scales, zeros = (torch.cat(t) for t in zip(*(m.scales_zeros() for m in linears)))
-    return Int4Linear.from_quantized(torch.cat([m.codes() for m in linears]), scales, zeros, first.group_size, bias, layout)
+    else:
+        packed = pack_int4_for_cpu(torch.cat([m.codes() for m in linears]))
+    sz = torch.cat([m.block_sz if layout == "blocks" else m.scales_and_zeros for m in linears], Int4Linear.scale_row_dim(layout))
+    return Int4Linear.from_packed(packed, sz, first.group_size, bias, layout)
