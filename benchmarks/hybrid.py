@@ -2,6 +2,7 @@
 
     python benchmarks/hybrid.py [--lengths 512,4096,16384] [--hf-max 4096] [--decode-tokens 16]
                                 [--threads 2] [--variants dense,moe] [--memory 32768,131072]
+                                [--quant int8|int4]
 
 Models (random weights, one copy shared by both engines): `dense` is Granite-4.0-H-350M-shaped
 (32 layers, attention at 10/13/17/27, hidden 768, 48 Mamba heads of 32, state 128, shared MLP
@@ -151,6 +152,13 @@ def speed_rows(variant: str, args):
     e = statistics.median(decode_edgelm(model, ids, args.decode_tokens) for _ in range(args.repeat))
     h = statistics.median(decode_hf(ref, ids, args.decode_tokens) for _ in range(args.repeat))
     yield row(variant, "decode after 512 (ms/token)", e, h, higher=False)
+    if args.quant:  # the same weights quantized in place (edgelm's modules only; transformers keeps fp32)
+        from edgelm.quant.quantize import quantize_decoder
+
+        quantize_decoder(model, args.quant)
+        e = statistics.median(decode_edgelm(model, ids, args.decode_tokens) for _ in range(args.repeat))
+        yield row(variant, f"decode after 512 (ms/token), edgelm {args.quant} weights", e, h, higher=False)
+        return
     for n in args.lengths:
         ids = torch.randint(0, cfg["vocab_size"], (1, n), generator=g)
         e = min(prefill_edgelm(model, ids) for _ in range(args.repeat))
@@ -188,6 +196,8 @@ def main() -> None:
     p.add_argument("--variants", default="dense,moe")
     p.add_argument("--moe-lengths", default="512,4096")
     p.add_argument("--memory", default="32768,131072")
+    p.add_argument("--quant", choices=["int8", "int4"], default=None,
+                   help="also decode with edgelm's weights quantized (transformers stays fp32); skips prefill")
     args = p.parse_args()
 
     from edgelm.config import configure_runtime, set_threads

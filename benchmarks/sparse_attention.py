@@ -214,10 +214,11 @@ def quality(args) -> None:
     from edgelm.eval.ppl import perplexity
 
     model = load_model(None, False, context=8192)
-    print(f"# quality ({args.quality}): SmolLM2-135M-Instruct, 30 layers; sparse = {QUALITY_SPARSE}")
+    sparse = SparseConfig.parse(args.sparse) if args.sparse else QUALITY_SPARSE
+    print(f"# quality ({args.quality}): SmolLM2-135M-Instruct, 30 layers; sparse = {sparse}")
     if args.quality == "ppl":
         print("| ctx | mode | ppl | tokens scored | windows | s |\n|---|---|---|---|---|---|")
-    for mode, cfg in (("dense", None), ("sparse", QUALITY_SPARSE)):
+    for mode, cfg in (("dense", None), ("sparse", sparse)):
         if mode not in args.modes:
             continue
         model.set_sparse_attention(cfg)
@@ -245,6 +246,8 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=1, help="ppl: windows per length (stride ctx/2)")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="passkey: comma list")
     p.add_argument("--modes", default="dense,sparse", help="quality: which of dense,sparse to run")
+    p.add_argument("--sparse", default=None, help="quality: sparse settings, e.g. 'window=512,topk=16,dense_len=2048' "
+                   "(the speed settings); default window 512, top-16, dense_len 1024")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process time (all threads)")
     args = p.parse_args()

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgelm import kernels
 from edgelm.cache import KVCache
-from edgelm.layers.attention import ForwardContext, attend, attend_reference
+from edgelm.layers.attention import CAUSAL, ForwardContext, attend, attend_reference
 from edgelm.layers.sparse_attention import (
     SparseAttention,
     SparseConfig,
@@ -127,8 +128,19 @@ def run_layer(q, k, v, offset: int, cfg=CFG, left_pad=None, cache=None):
     return SparseAttention(cfg)(q, k, v, cache, ctx, 0.3)
 
 
+@pytest.fixture(params=["cpp", "python"])
+def executor(request, monkeypatch):
+    """SparseAttention's two executors: the C++ kernel (one call per layer) and the chunked Python
+    one it falls back to (no compiler, bf16, left padding, autograd)."""
+    if request.param == "python":
+        monkeypatch.setenv("EDGELM_KERNELS", "0")
+    else:
+        assert kernels.ext() is not None, "the C++ kernels did not build"
+    return request.param
+
+
 @pytest.mark.parametrize("G", [1, 3, 4, 8, 16])
-def test_executor_prefill_matches_masked_dense(G):
+def test_executor_prefill_matches_masked_dense(G, executor):
     q, k, v = qkv(G, 157)  # several query chunks of 32, last block partial
     pos = torch.arange(157)
     close(run_layer(q, k, v, 0), masked_reference(q, k, v, pos))
@@ -144,6 +156,21 @@ def test_executor_decode_matches_masked_dense(G, S):
     kernels = compress_keys(k, CFG.kernel_size, CFG.kernel_stride)
     got = sparse_attend(q[:, :, -1:], k, v, kernels, pos, CFG, 0.3)
     close(got, masked_reference(q[:, :, -1:], k, v, pos))
+
+
+@pytest.mark.parametrize("D", [64, 128, 24])  # the register-tiled head sizes, and any other
+@pytest.mark.parametrize("G", [1, 3, 8])
+def test_cpp_executor_matches_masked_dense(G, D):
+    q, k, v = qkv(G, 157, D=D, seed=G + D)
+    pos, kern = torch.arange(157), compress_keys(k, CFG.kernel_size, CFG.kernel_stride)
+    for cfg in (CFG, dataclasses.replace(CFG, dense_len=100)):  # all sparse; dense below 100
+        got = kernels.ext().sparse_attention(q[:, :, 40:], k, v, kern, 40, cfg.kernel_args(), 0.3)
+        d = max(0, cfg.dense_len - 1 - 40)  # the first d queries have t + 1 < dense_len: dense
+        want = masked_reference(q[:, :, 40 + d :], k, v, pos[40 + d :], cfg)
+        if d:
+            dense = attend_reference(q[:, :, 40 : 40 + d], k[:, :, : 40 + d], v[:, :, : 40 + d], CAUSAL, 0.3)
+            want = torch.cat([dense, want], 2)
+        close(got, want)
 
 
 @pytest.mark.parametrize("L", [1, 40])
@@ -235,6 +262,8 @@ def test_incremental_compressed_keys_match_recomputed():
         for c in cache:
             assert c.num_kernels == max(0, (i - 8) // 4 + 1)
             close(c.compressed_keys(), compress_keys(c.keys[:, :, :i], 8, 4), atol=1e-6)
+            # the kernel buffer grows with the KV buffers: room for their capacity's kernels, no more
+            assert c.kernels is None or c.kernels.shape[2] == max(c.num_kernels, (c.keys.shape[2] - 8) // 4 + 1)
 
 
 @torch.no_grad()

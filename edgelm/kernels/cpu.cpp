@@ -119,20 +119,19 @@ inline float softmax_numerators(float* sc, int64_t S, float* max_out = nullptr) 
   return sum;
 }
 
-// One query head over S keys/values (rows `stride` floats apart): o = softmax(q K^T * scale) V.
-template <int DV>  // D / 8 when D is 64 or 128 (accumulators in registers), 0 = any D
-void attend_head(const float* q, const float* Kb, const float* Vb, int64_t kstride, int64_t vstride, int64_t S,
-                 int64_t D, float scale, float* sc, float* o) {
+// sc[0..n) = (q . K[s]) * scale for n keys (rows ks floats apart).
+template <int DV>  // D / 8 when D is 64 or 128 (q in eight-float chunks), 0 = any D
+void key_scores(const float* q, const float* Kb, int64_t ks, int64_t n, int64_t D, float scale, float* sc) {
   int64_t s0 = 0;
 #ifdef EDGELM_AVX2
   if constexpr (DV > 0) {  // eight keys at a time: one horizontal reduction per 8 scores, not per score
     const __m256 vscale = _mm256_set1_ps(scale);
-    for (; s0 + 8 <= S; s0 += 8) {
+    for (; s0 + 8 <= n; s0 += 8) {
       __m256 a[8];
       for (int k = 0; k < 8; ++k) a[k] = _mm256_setzero_ps();
       for (int j = 0; j < DV; ++j) {
         const __m256 qj = _mm256_loadu_ps(q + 8 * j);
-        for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(Kb + (s0 + k) * kstride + 8 * j), a[k]);
+        for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(Kb + (s0 + k) * ks + 8 * j), a[k]);
       }
       const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
       const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
@@ -142,24 +141,45 @@ void attend_head(const float* q, const float* Kb, const float* Vb, int64_t kstri
     }
   }
 #endif
-  for (int64_t s = s0; s < S; ++s) sc[s] = dot(q, Kb + s * kstride, D) * scale;
-  const float inv = 1.f / softmax_numerators(sc, S);
+  for (int64_t s = s0; s < n; ++s) sc[s] = dot(q, Kb + s * ks, D) * scale;
+}
+
+// o (D) += sum_s p[s] V[s] over n values (rows vs floats apart).
+template <int DV>
+void accumulate_values(const float* p, const float* Vb, int64_t vs, int64_t n, int64_t D, float* o) {
 #ifdef EDGELM_AVX2
-  if constexpr (DV > 0) {
+  if constexpr (DV > 0) {  // the D outputs stay in registers across the n rows
     __m256 acc[DV];
-    for (int j = 0; j < DV; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t s = 0; s < S; ++s) {
-      const __m256 p = _mm256_set1_ps(sc[s]);
-      const float* v = Vb + s * vstride;
-      for (int j = 0; j < DV; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    for (int j = 0; j < DV; ++j) acc[j] = _mm256_loadu_ps(o + 8 * j);
+    for (int64_t s = 0; s < n; ++s) {
+      const __m256 ps = _mm256_set1_ps(p[s]);
+      const float* v = Vb + s * vs;
+      for (int j = 0; j < DV; ++j) acc[j] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(v + 8 * j), acc[j]);
     }
-    const __m256 vinv = _mm256_set1_ps(inv);
-    for (int j = 0; j < DV; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], vinv));
+    for (int j = 0; j < DV; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
     return;
   }
 #endif
+  for (int64_t s = 0; s < n; ++s) axpy(p[s], Vb + s * vs, o, D);
+}
+
+// Calls f(std::integral_constant<int, DV>) with DV = D / 8 for head sizes 64 and 128, else 0.
+template <class F>
+void with_head_dim(int64_t D, F&& f) {
+  if (D == 64) f(std::integral_constant<int, 8>{});
+  else if (D == 128) f(std::integral_constant<int, 16>{});
+  else f(std::integral_constant<int, 0>{});
+}
+
+// One query head over S keys/values (rows `stride` floats apart): o = softmax(q K^T * scale) V.
+template <int DV>
+void attend_head(const float* q, const float* Kb, const float* Vb, int64_t kstride, int64_t vstride, int64_t S,
+                 int64_t D, float scale, float* sc, float* o) {
+  key_scores<DV>(q, Kb, kstride, S, D, scale, sc);
+  const float inv = 1.f / softmax_numerators(sc, S);
   std::fill(o, o + D, 0.f);
-  for (int64_t s = 0; s < S; ++s) axpy(sc[s] * inv, Vb + s * vstride, o, D);
+  accumulate_values<DV>(sc, Vb, vstride, S, D, o);
+  for (int64_t j = 0; j < D; ++j) o[j] *= inv;
 }
 
 // Long contexts: the G query heads sharing a KV head over keys [s0, s1), each K and V row read
@@ -193,13 +213,14 @@ inline int64_t num_kernels(int64_t len, int64_t p, int64_t s) { return len < p ?
 // init blocks and those overlapping the local window, plus the top-k others by block score: the G
 // heads' softmaxes over the visible key kernels kern (row i every kst floats), summed, each block
 // taking the max over the kernels overlapping it (ties go to the lower block id).
+template <int DV>
 void select_blocks(const float* q, int64_t G, const float* kern, int64_t kst, int64_t t, int64_t D, float scale,
                    const SparseCfg& c, std::vector<float>& tmp, std::vector<float>& score, std::vector<int64_t>& out) {
   const int64_t nk = num_kernels(t + 1, c.ksize, c.kstride), nb = t / c.block + 1;
   score.assign(nk, 0.f);
   tmp.resize(nk);
   for (int64_t h = 0; h < G && nk > 0; ++h) {
-    for (int64_t i = 0; i < nk; ++i) tmp[i] = dot(q + h * D, kern + i * kst, D) * scale;
+    key_scores<DV>(q + h * D, kern, kst, nk, D, scale, tmp.data());
     const float sum = softmax_numerators(tmp.data(), nk);
     for (int64_t i = 0; i < nk; ++i) score[i] += tmp[i] / sum;
   }
@@ -222,29 +243,97 @@ void select_blocks(const float* q, int64_t G, const float* kern, int64_t kst, in
   std::sort(out.begin(), out.end());
 }
 
-// The G query heads q (G, D) of one KV head at position t over the keys of `blocks` (block size m)
-// at or before t: o (G, D) = softmax(q K^T * scale) V, each K/V row read once for all G heads.
-void attend_group_blocks(const float* q, int64_t G, const float* Kb, const float* Vb, int64_t ks, int64_t vs,
-                         const std::vector<int64_t>& blocks, int64_t m, int64_t t, int64_t D, float scale,
-                         std::vector<float>& sc, float* o) {
+// The keys at or before t of ascending block ids (block size m) as runs [start, start + length):
+// adjacent blocks (the local window) merge into one run.
+void block_runs(const std::vector<int64_t>& blocks, int64_t m, int64_t t, std::vector<std::pair<int64_t, int64_t>>& runs) {
+  runs.clear();
+  for (int64_t j : blocks) {
+    const int64_t s0 = j * m, s1 = std::min(j * m + m, t + 1);
+    if (s1 <= s0) continue;
+    if (!runs.empty() && runs.back().first + runs.back().second == s0) runs.back().second += s1 - s0;
+    else runs.emplace_back(s0, s1 - s0);
+  }
+}
+
+// The G query heads q (G, D) of one KV head over the keys of `runs`: o (G, D) = softmax(q K^T * scale) V.
+// Each run's K (then V) rows are read once for all G heads: they stay in L1 while the heads use them.
+template <int DV>
+void attend_group_runs(const float* q, int64_t G, const float* Kb, const float* Vb, int64_t ks, int64_t vs,
+                       const std::vector<std::pair<int64_t, int64_t>>& runs, int64_t D, float scale, std::vector<float>& sc,
+                       float* o) {
   int64_t n = 0;
-  for (int64_t j : blocks) n += std::min(j * m + m, t + 1) - j * m;
+  for (const auto& r : runs) n += r.second;
   sc.resize(G * n);
   int64_t i = 0;
-  for (int64_t j : blocks) {
-    for (int64_t s = j * m; s < std::min(j * m + m, t + 1); ++s, ++i) {
-      for (int64_t h = 0; h < G; ++h) sc[h * n + i] = dot(q + h * D, Kb + s * ks, D) * scale;
-    }
+  for (const auto& [s0, len] : runs) {
+    for (int64_t h = 0; h < G; ++h) key_scores<DV>(q + h * D, Kb + s0 * ks, ks, len, D, scale, sc.data() + h * n + i);
+    i += len;
   }
-  std::vector<float> inv(G);
+  float inv[64];
+  TORCH_CHECK(G <= 64, "more than 64 query heads per KV head");
   for (int64_t h = 0; h < G; ++h) inv[h] = 1.f / softmax_numerators(sc.data() + h * n, n);
   std::fill(o, o + G * D, 0.f);
   i = 0;
-  for (int64_t j : blocks) {
-    for (int64_t s = j * m; s < std::min(j * m + m, t + 1); ++s, ++i) {
-      for (int64_t h = 0; h < G; ++h) axpy(sc[h * n + i] * inv[h], Vb + s * vs, o + h * D, D);
-    }
+  for (const auto& [s0, len] : runs) {
+    for (int64_t h = 0; h < G; ++h) accumulate_values<DV>(sc.data() + h * n + i, Vb + s0 * vs, vs, len, D, o + h * D);
+    i += len;
   }
+  for (int64_t h = 0; h < G; ++h) {
+    for (int64_t j = 0; j < D; ++j) o[h * D + j] *= inv[h];
+  }
+}
+
+// One (token at position t, KV head) of InfLLM v2 attention: dense below dense_len, else the selected blocks.
+template <int DV>
+void sparse_group(const float* q, int64_t G, const float* Kb, const float* Vb, int64_t ks, int64_t vs, const float* kern,
+                  int64_t kst, int64_t t, int64_t D, float scale, const SparseCfg& c, std::vector<float>& sc,
+                  std::vector<float>& tmp, std::vector<float>& score, std::vector<int64_t>& blocks,
+                  std::vector<std::pair<int64_t, int64_t>>& runs, float* o) {
+  if (t + 1 < c.dense_len) {
+    runs.assign(1, {0, t + 1});
+  } else {
+    select_blocks<DV>(q, G, kern, kst, t, D, scale, c, tmp, score, blocks);
+    block_runs(blocks, c.block, t, runs);
+  }
+  attend_group_runs<DV>(q, G, Kb, Vb, ks, vs, runs, D, scale, sc, o);
+}
+
+// InfLLM v2 attention for queries q (B, H, C, D) at positions pos0 + c over k/v (B, Hkv, >= pos0 + C, D)
+// and their pooled key kernels (B, Hkv, >= nk, D): one task per (row, KV head, query), selection
+// and attention over exactly the chosen blocks (layers/sparse_attention.py: sparse_attend is the reference).
+at::Tensor sparse_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kern, int64_t pos0, std::vector<int64_t> cfg,
+                            double scale) {
+  TORCH_CHECK(cfg.size() == 7, "cfg: block, kernel_size, kernel_stride, init_blocks, window_size, topk, dense_len");
+  const SparseCfg c{cfg[0], cfg[1], cfg[2], cfg[3], cfg[4], cfg[5], cfg[6]};
+  for (const auto& x : {q, k, v, kern}) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 && x.stride(3) == 1, "sparse_attention: fp32 (B, heads, S, D) tensors");
+  }
+  q = q.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), C = q.size(2), D = q.size(3), Hkv = k.size(1), G = H / Hkv;
+  TORCH_CHECK(H % Hkv == 0 && k.size(3) == D && v.size(3) == D && kern.size(3) == D && k.size(2) >= pos0 + C &&
+                  v.size(2) >= pos0 + C && kern.size(2) >= num_kernels(pos0 + C, c.ksize, c.kstride),
+              "sparse_attention: shapes do not match");
+  auto out = at::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float *K = k.data_ptr<float>(), *V = v.data_ptr<float>(), *kp = kern.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc_scale = static_cast<float>(scale);
+  with_head_dim(D, [&](auto dv) {
+    at::parallel_for(0, B * Hkv * C, 4, [&](int64_t i0, int64_t i1) {
+      std::vector<float> sc, tmp, score, qg(G * D), og(G * D);
+      std::vector<int64_t> blocks;
+      std::vector<std::pair<int64_t, int64_t>> runs;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / (Hkv * C), g = i / C % Hkv, ci = i % C;
+        for (int64_t h = 0; h < G; ++h) std::memcpy(qg.data() + h * D, qp + ((b * H + g * G + h) * C + ci) * D, D * 4);
+        sparse_group<decltype(dv)::value>(qg.data(), G, K + b * k.stride(0) + g * k.stride(1), V + b * v.stride(0) + g * v.stride(1),
+                                          k.stride(2), v.stride(2), kp + b * kern.stride(0) + g * kern.stride(1), kern.stride(2),
+                                          pos0 + ci, D, sc_scale, c, sc, tmp, score, blocks, runs, og.data());
+        for (int64_t h = 0; h < G; ++h) std::memcpy(op + ((b * H + g * G + h) * C + ci) * D, og.data() + h * D, D * 4);
+      }
+    });
+  });
+  return out;
 }
 
 // Activations, int16 per 32-block: x[m, k] ~= xs[m, b] * xq[m, k]; xss[m, b] = xs * sum(xq of block).
@@ -812,21 +901,18 @@ class LlamaDecoder {
       update_kernels(K, ks0, ks1, ks2, *kern, B, L, off);
       const float* kp = kern->data_ptr<float>();
       const int64_t kst0 = kern->stride(0), kst1 = kern->stride(1), kst2 = kern->stride(2);
-      at::parallel_for(0, T * Hkv_, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> sc, tmp, score;
-        std::vector<int64_t> blocks;
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t t = i / Hkv_, g = i % Hkv_, b = t / L, pos = off[b] + t % L;
-          const float* q = qkv_.data() + t * ly.qkv.N + g * G * D_;
-          if (pos + 1 < sparse_.dense_len) {
-            blocks.resize(pos / sparse_.block + 1);
-            for (size_t j = 0; j < blocks.size(); ++j) blocks[j] = static_cast<int64_t>(j);
-          } else {
-            select_blocks(q, G, kp + b * kst0 + g * kst1, kst2, pos, D_, sc_scale, sparse_, tmp, score, blocks);
+      with_head_dim(D_, [&](auto dv) {
+        at::parallel_for(0, T * Hkv_, 1, [&](int64_t i0, int64_t i1) {
+          std::vector<float> sc, tmp, score;
+          std::vector<int64_t> blocks;
+          std::vector<std::pair<int64_t, int64_t>> runs;
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t t = i / Hkv_, g = i % Hkv_, b = t / L, pos = off[b] + t % L;
+            sparse_group<decltype(dv)::value>(qkv_.data() + t * ly.qkv.N + g * G * D_, G, K + b * ks0 + g * ks1,
+                                              V + b * vs0 + g * vs1, ks2, vs2, kp + b * kst0 + g * kst1, kst2, pos, D_,
+                                              sc_scale, sparse_, sc, tmp, score, blocks, runs, att_.data() + t * qd + g * G * D_);
           }
-          attend_group_blocks(q, G, K + b * ks0 + g * ks1, V + b * vs0 + g * vs1, ks2, vs2, blocks, sparse_.block, pos, D_,
-                              sc_scale, sc, att_.data() + t * qd + g * G * D_);
-        }
+        });
       });
     } else if (longest * D_ * 8 <= g_group_attention_bytes) {
       at::parallel_for(0, T * H_, 1, [&](int64_t i0, int64_t i1) {
@@ -838,9 +924,7 @@ class LlamaDecoder {
           const float* Vb = V + b * vs0 + g * vs1;
           float* o = att_.data() + t * qd + hh * D_;
           sc.resize(S);
-          if (D_ == 64) attend_head<8>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
-          else if (D_ == 128) attend_head<16>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
-          else attend_head<0>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o);
+          with_head_dim(D_, [&](auto dv) { attend_head<decltype(dv)::value>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o); });
         }
       });
     } else {
@@ -917,6 +1001,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("make_linear", &make_linear, "kind 0 dense / 1 int4 blocks / 2 int8; (w, s, bias)");
   m.def("linear", &linear_forward, "x (..., K) fp32 -> (..., N) fp32");
   m.def("dequantize", &dequantize, "int4/int8 Linear -> its fp32 weight (N, K)");
+  m.def("sparse_attention", &sparse_attention,
+        "InfLLM v2 attention: (q, k, v, kernels, pos0, [block, ksize, kstride, init, window, topk, dense_len], scale)");
   m.def("set_group_attention_bytes", [](int64_t v) { g_group_attention_bytes = v; }, "long-context attention threshold");
   m.def("set_attention_parts", [](int64_t v) { g_attention_parts = v; }, "0 = auto");
   pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")

@@ -24,6 +24,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from edgelm import kernels
 from edgelm.cache.kv import KVCache
 from edgelm.layers.attention import CAUSAL, ForwardContext, attend, attend_reference
 
@@ -113,6 +114,11 @@ class SparseConfig:
     @property
     def pool_kernel(self) -> int:
         return self.pool_stride + self.pool_padding
+
+    def kernel_args(self) -> list[int]:
+        """The settings as the C++ kernels take them (`kernels/cpu.cpp` SparseCfg)."""
+        return [self.block_size, self.kernel_size, self.kernel_stride, self.init_blocks, self.window_size, self.topk,
+                self.dense_len]
 
 
 def num_kernels(length: int, kernel_size: int, stride: int) -> int:
@@ -308,6 +314,14 @@ def sparse_attend(q, k, v, kernels, pos, cfg: SparseConfig, scale: float, left_p
     return attend_selected(q, k, v, selected, pos, cfg.block_size, scale, left_pad)
 
 
+def cpp_executor(q: torch.Tensor, left_pad=None):
+    """The compiled kernels when they can run this call (fp32, no left padding, no autograd), else None:
+    `sparse_attend` (Python, chunked) is then the executor, and the reference the C++ one is tested against."""
+    if q.dtype != torch.float32 or left_pad is not None or (torch.is_grad_enabled() and q.requires_grad):
+        return None
+    return kernels.ext()
+
+
 class SparseKVCache(KVCache):
     """A KVCache that also keeps the mean-pooled key kernels the selector scores blocks with.
 
@@ -343,9 +357,11 @@ class SparseKVCache(KVCache):
         self.num_kernels = end
 
     def _grow_kernels(self, end: int, like: torch.Tensor) -> None:
-        """Room for `end` kernels (B, Hkv, capacity, D), doubling, the current ones kept."""
+        """Room for `end` kernels (B, Hkv, capacity, D), the current ones kept: as many as the keys'
+        capacity holds, so the kernels grow with the KV buffers (1/32 of their bytes), never ahead."""
         if self.kernels is None or end > self.kernels.shape[2]:
-            size = max(end, 2 * (0 if self.kernels is None else self.kernels.shape[2]), 64)
+            held = 0 if self.keys is None else self.keys.shape[2]
+            size = max(end, num_kernels(held, self.kernel_size, self.kernel_stride))
             grown = like.new_empty(*like.shape[:2], size, like.shape[3])
             if self.num_kernels:
                 grown[:, :, : self.num_kernels] = self.kernels[:, :, : self.num_kernels]
@@ -413,6 +429,11 @@ class SparseAttention:
             dense_mask = mask if mask is CAUSAL else mask[..., :num_dense, :end]
             parts.append(attend(q[:, :, :num_dense], k[:, :, :end], v[:, :, :end], dense_mask, scale))
         kernels = self.kernels(k, cache)
+        fast = cpp_executor(q, left_pad=ctx.left_pad)
+        if fast is not None:  # every sparse query in one C++ call: selection + attention per (query, KV head)
+            pos0 = ctx.offset + num_dense
+            parts.append(fast.sparse_attention(q[:, :, num_dense:], k, v, kernels, pos0, cfg.kernel_args(), scale))
+            return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         for start in range(num_dense, L, cfg.query_chunk):
             stop = min(L, start + cfg.query_chunk)
             pos = torch.arange(ctx.offset + start, ctx.offset + stop)
