@@ -10,6 +10,7 @@ batch occupancy (tokens per engine step / max_batch), stages and engine steps, a
 
     python benchmarks/rollout.py --repeat 3          # random 17M Llama, budgets 16 and 32
     python benchmarks/rollout.py --model stories260K
+    python benchmarks/rollout.py --model smollm2-fp32 --budget 16 --threads 2   # a real 135M model
 """
 
 import argparse
@@ -25,7 +26,9 @@ from edgelm.engine import LLMEngine
 from edgelm.loader import load
 from edgelm.rl.rollout import ChunkedRollout
 
-MODEL = Path(__file__).resolve().parents[2] / "shared/models/stories260K/stories260K.bin"
+SHARED = Path(__file__).resolve().parents[2] / "shared/models"
+MODEL = SHARED / "stories260K/stories260K.bin"
+SMOLLM2 = SHARED / "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 OPENERS = [
     "Once upon a time",
     "One day",
@@ -95,7 +98,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("-G", type=int, default=4)
-    p.add_argument("--model", choices=["random", "stories260K"], default="random")
+    p.add_argument("--model", choices=["random", "stories260K", "smollm2", "smollm2-fp32"], default="random",
+                   help="smollm2: SmolLM2-135M as shipped (int4 layers); smollm2-fp32: dequantized at load")
     p.add_argument("--hidden", type=int, default=512, help="random model width (512: ~17M parameters)")
     p.add_argument("--max-batch", type=int, default=16, help="engine batch (sequences decoded together)")
     p.add_argument("--stage-size", type=int, default=16, help="trajectories per stage (rollout batch)")
@@ -105,7 +109,12 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = random_llama(args.hidden) if args.model == "random" else load(MODEL, dtype=torch.float32)
+    if args.model == "random":
+        model = random_llama(args.hidden)
+    elif args.model.startswith("smollm2"):
+        model = load(SMOLLM2, dtype=torch.float32, dequantize=args.model == "smollm2-fp32")
+    else:
+        model = load(MODEL, dtype=torch.float32)
     settings = [None] + (args.budget or [16, 32])
     runs = {b: [] for b in settings}
     run(model, settings[1], args)  # warm-up
