@@ -255,6 +255,8 @@ void block_runs(const std::vector<int64_t>& blocks, int64_t m, int64_t t, std::v
   }
 }
 
+constexpr int64_t kMaxGroup = 64;  // query heads per KV head the sparse routines take
+
 // The G query heads q (G, D) of one KV head over the keys of `runs`: o (G, D) = softmax(q K^T * scale) V.
 // Each run's K (then V) rows are read once for all G heads: they stay in L1 while the heads use them.
 template <int DV>
@@ -269,8 +271,7 @@ void attend_group_runs(const float* q, int64_t G, const float* Kb, const float* 
     for (int64_t h = 0; h < G; ++h) key_scores<DV>(q + h * D, Kb + s0 * ks, ks, len, D, scale, sc.data() + h * n + i);
     i += len;
   }
-  float inv[64];
-  TORCH_CHECK(G <= 64, "more than 64 query heads per KV head");
+  float inv[kMaxGroup];  // G <= kMaxGroup: checked by sparse_attention and set_sparse
   for (int64_t h = 0; h < G; ++h) inv[h] = 1.f / softmax_numerators(sc.data() + h * n, n);
   std::fill(o, o + G * D, 0.f);
   i = 0;
@@ -310,7 +311,7 @@ at::Tensor sparse_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
   }
   q = q.contiguous();
   const int64_t B = q.size(0), H = q.size(1), C = q.size(2), D = q.size(3), Hkv = k.size(1), G = H / Hkv;
-  TORCH_CHECK(H % Hkv == 0 && k.size(3) == D && v.size(3) == D && kern.size(3) == D && k.size(2) >= pos0 + C &&
+  TORCH_CHECK(H % Hkv == 0 && G <= kMaxGroup && k.size(3) == D && v.size(3) == D && kern.size(3) == D && k.size(2) >= pos0 + C &&
                   v.size(2) >= pos0 + C && kern.size(2) >= num_kernels(pos0 + C, c.ksize, c.kstride),
               "sparse_attention: shapes do not match");
   auto out = at::empty_like(q);
@@ -840,6 +841,7 @@ class LlamaDecoder {
   void set_sparse(int64_t block, int64_t ksize, int64_t kstride, int64_t init, int64_t window, int64_t topk, int64_t dense_len) {
     TORCH_CHECK(block > 0 && kstride > 0 && block % kstride == 0 && ksize % kstride == 0 && ksize >= kstride && topk > 0,
                 "sparse attention: block_size and kernel_size must be multiples of kernel_stride, topk > 0");
+    TORCH_CHECK(H_ / Hkv_ <= kMaxGroup, "sparse attention: more than ", kMaxGroup, " query heads per KV head");
     sparse_ = {block, ksize, kstride, init, window, topk, dense_len};
   }
 
