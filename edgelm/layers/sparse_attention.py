@@ -428,14 +428,14 @@ class SparseAttention:
             end, mask = ctx.offset + num_dense, ctx.mask(0, S, None)
             dense_mask = mask if mask is CAUSAL else mask[..., :num_dense, :end]
             parts.append(attend(q[:, :, :num_dense], k[:, :, :end], v[:, :, :end], dense_mask, scale))
-        kernels = self.kernels(k, cache)
+        pooled = self.kernels(k, cache)
         fast = cpp_executor(q, left_pad=ctx.left_pad)
         if fast is not None:  # every sparse query in one C++ call: selection + attention per (query, KV head)
             pos0 = ctx.offset + num_dense
-            parts.append(fast.sparse_attention(q[:, :, num_dense:], k, v, kernels, pos0, cfg.kernel_args(), scale))
-            return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        for start in range(num_dense, L, cfg.query_chunk):
-            stop = min(L, start + cfg.query_chunk)
-            pos = torch.arange(ctx.offset + start, ctx.offset + stop)
-            parts.append(sparse_attend(q[:, :, start:stop], k, v, kernels, pos, cfg, scale, ctx.left_pad))
+            parts.append(fast.sparse_attention(q[:, :, num_dense:], k, v, pooled, pos0, cfg.kernel_args(), scale))
+        else:
+            for start in range(num_dense, L, cfg.query_chunk):
+                stop = min(L, start + cfg.query_chunk)
+                pos = torch.arange(ctx.offset + start, ctx.offset + stop)
+                parts.append(sparse_attend(q[:, :, start:stop], k, v, pooled, pos, cfg, scale, ctx.left_pad))
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
