@@ -73,10 +73,11 @@ def test_matmul_equals_reference_on_rounded_activations(kind, K, N, M):
     assert (y.double() - ref).norm() / ref.norm() < 1e-4
 
 
-@pytest.mark.parametrize("M", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 21, 64, 65])
 @pytest.mark.parametrize("N,K", [(80, 576), (83, 100)], ids=["even", "odd-rows-K-tail"])
 def test_dense_fp32_matmul(M, N, K):
-    """Kind 0: f32_rows for up to 8 rows (two weight rows per pass, K tail), torch's GEMM above."""
+    """Kind 0: f32_rows for up to 64 rows (passes of 8; two weight rows per pass up to 4 rows, one
+    above; odd weight rows and the K tail), torch's GEMM above."""
     linear = torch.nn.Linear(K, N)
     w, b = linear.weight.detach(), linear.bias.detach()
     handle = kernels.ext().make_linear(0, w, torch.empty(0), b)
@@ -84,6 +85,8 @@ def test_dense_fp32_matmul(M, N, K):
     ref = x.double() @ w.double().T + b.double()
     y = kernels.ext().linear(handle, x)
     assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-6
+    if M <= 64:  # batch-invariant: a row's output does not depend on the rows beside it
+        assert torch.equal(y[-1:], kernels.ext().linear(handle, x[-1:]))
 
 
 def test_zero_and_constant_blocks():

@@ -371,6 +371,10 @@ struct QActs {
 };
 
 // Rows per parallel task: enough work to amortise the thread hand-off (~100 KB of weights).
+// Dense fp32 matmuls of up to this many rows run f32_rows (passes of 8 rows over an L2-sized slice
+// of the weights); more rows go to MKL's GEMM, which only wins for prompts.
+constexpr int64_t kFewRows = 64;
+
 inline int64_t grain_rows(int64_t bytes_per_row) { return std::max<int64_t>(8, (96 << 10) / std::max<int64_t>(1, bytes_per_row)); }
 
 #ifdef EDGELM_AVX2
@@ -525,8 +529,8 @@ void q8_tiles(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale
 
 // Calls f(std::integral_constant<int, MB>(), m) over rows [0, M) in chunks of MB <= MAX rows
 // starting at m: each chunk reads the weights once, and MB is a compile-time count of registers
-// (8 for the tile kernels: 8 rows' int32 sums plus the unpacked block fit the 16 ymm registers;
-// 4 for the fp32 and int8 tail kernels, whose accumulators are per weight row).
+// (8 for the tile kernels: 8 rows' int32 sums plus the unpacked block fit the 16 ymm registers,
+// and for the fp32 kernel; 4 for the int8 tail kernel, whose accumulators are per weight row).
 template <int R, typename F>
 void rest_chunk(int64_t rows, int64_t m, F& f) {
   if constexpr (R > 0) {
@@ -593,34 +597,38 @@ void q8_rows(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale,
   }
 }
 
-// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias) for fp32 W, rows n in [n0, n1), MB <= 4 activation
-// rows from m0: two weight rows per pass, each 8-float slice loaded once for all MB rows (MKL's
-// GEMM for 2-8 rows costs ~2.5x its one-row GEMV here; this stays ~1x while memory-bound).
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias) for fp32 W, rows n in [n0, n1), MB <= 8 activation
+// rows from m0 in one pass: R weight rows at a time (2 while MB <= 4, else 1, so the R * MB
+// accumulators fit the 16 ymm registers), each 8-float slice loaded once for all MB rows. MKL's
+// GEMM for 2-32 rows costs ~2.5-8x its one-row GEMV here; this stays near the memory time until
+// the FMAs bound it (~8 rows). Every output sums its k-slices in the same order for any MB and R.
 template <int MB>
 void f32_rows(const float* x, int64_t K, int64_t m0, const float* w, const float* bias, float* y, int64_t N, int64_t n0,
               int64_t n1) {
+  constexpr int R = MB <= 4 ? 2 : 1;
   const float* xr = x + m0 * K;
   int64_t n = n0;
 #ifdef EDGELM_AVX2
-  for (; n + 2 <= n1; n += 2) {
-    const float* w0 = w + n * K;
-    const float* w1 = w0 + K;
-    __m256 a0[MB], a1[MB];
-    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+  for (; n + R <= n1; n += R) {
+    __m256 acc[R][MB];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-      const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+      __m256 v[R];
+      for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_ps(w + (n + r) * K + k);
       for (int m = 0; m < MB; ++m) {
         const __m256 xv = _mm256_loadu_ps(xr + m * K + k);
-        a0[m] = _mm256_fmadd_ps(v0, xv, a0[m]);
-        a1[m] = _mm256_fmadd_ps(v1, xv, a1[m]);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(v[r], xv, acc[r][m]);
       }
     }
-    for (int m = 0; m < MB; ++m) {
-      float s0 = hsum(a0[m]), s1 = hsum(a1[m]);
-      for (int64_t kk = k; kk < K; ++kk) s0 += w0[kk] * xr[m * K + kk], s1 += w1[kk] * xr[m * K + kk];
-      y[(m0 + m) * N + n] = s0 + (bias ? bias[n] : 0.f);
-      y[(m0 + m) * N + n + 1] = s1 + (bias ? bias[n + 1] : 0.f);
+    for (int r = 0; r < R; ++r) {
+      const float* wr = w + (n + r) * K;
+      for (int m = 0; m < MB; ++m) {
+        float s = hsum(acc[r][m]);
+        for (int64_t kk = k; kk < K; ++kk) s += wr[kk] * xr[m * K + kk];
+        y[(m0 + m) * N + n + r] = s + (bias ? bias[n + r] : 0.f);
+      }
     }
   }
 #endif
@@ -638,10 +646,10 @@ struct Linear {
   // y (M, N) = x (M, K) @ W^T + bias; `a` holds x quantized when kind != 0.
   void run(const float* x, int64_t M, QActs& a, float* y) const {
     const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    if (kind == 0 && M <= 8 && w.is_contiguous()) {  // few rows: one pass over the weights (f32_rows)
+    if (kind == 0 && M <= kFewRows && w.is_contiguous()) {  // few rows: f32_rows, 8 rows per pass
       const float* wp = w.data_ptr<float>();
       at::parallel_for(0, N, std::max<int64_t>(2, grain_rows(K * 4)), [&](int64_t n0, int64_t n1) {
-        for_row_chunks<4>(M, [&](auto mb, int64_t m) { f32_rows<decltype(mb)::value>(x, K, m, wp, b, y, N, n0, n1); });
+        for_row_chunks<8>(M, [&](auto mb, int64_t m) { f32_rows<decltype(mb)::value>(x, K, m, wp, b, y, N, n0, n1); });
       });
       return;
     }
