@@ -1,6 +1,6 @@
 """Load test of `edgelm serve`: N concurrent streaming chat clients against SmolLM2 on loopback.
 
-    python benchmarks/server_load.py [--duration 120] [--clients 1,4,8,16] [--max-tokens 64] [--server llama.cpp]
+    python benchmarks/server_load.py [--duration 120] [--clients 1,4,8,16] [--max-tokens 64] [--quant dequantize] [--server llama.cpp]
 
 Starts the server as a subprocess (so client work does not share its GIL), then for each client
 count runs that many closed-loop clients for `--duration` seconds: each sends a streaming chat
@@ -43,6 +43,7 @@ class Level:
     itl: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     peak_rss_mb: float = 0.0
+    peak_cache_mb: float | None = None  # edgelm_cache_bytes_allocated from /metrics, sampled
 
 
 async def one_request(
@@ -89,10 +90,28 @@ async def client_loop(i: int, url: str, deadline: float, max_tokens: int, level:
             n += 1
 
 
+async def poll_cache(url: str, deadline: float, level: Level) -> None:
+    """Sample the server's allocated KV bytes every 0.5 s (edgelm only: llama.cpp has no /metrics)."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        while time.perf_counter() < deadline:
+            try:
+                text = (await http.get(f"{url}/metrics")).text
+            except httpx.HTTPError:
+                return
+            for line in text.splitlines():
+                if line.startswith("edgelm_cache_bytes_allocated "):
+                    mb = float(line.split()[1]) / 2**20
+                    level.peak_cache_mb = max(mb, level.peak_cache_mb or 0.0)
+            await asyncio.sleep(0.5)
+
+
 async def run_level(url: str, clients: int, duration: float, max_tokens: int, pid: int) -> Level:
     level = Level(clients)
     t0 = time.perf_counter()
-    await asyncio.gather(*(client_loop(i, url, t0 + duration, max_tokens, level) for i in range(clients)))
+    await asyncio.gather(
+        poll_cache(url, t0 + duration, level),
+        *(client_loop(i, url, t0 + duration, max_tokens, level) for i in range(clients)),
+    )
     level.elapsed = time.perf_counter() - t0
     level.peak_rss_mb = peak_rss_mb(pid)
     return level
@@ -130,7 +149,10 @@ def server_command(args, port: int) -> list[str]:
         str(port),
         "--max-batch",
         str(args.max_batch),
+        "--max-cache-mb",
+        str(args.max_cache_mb),
     ]
+    cmd += ["--quant", args.quant]
     return cmd + (["--threads", str(args.threads)] if args.threads else [])
 
 
@@ -161,15 +183,15 @@ def table(levels: list[Level]) -> str:
     rows = [
         (
             "| clients | requests | generated tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
-            "| ITL p99 (ms) | peak RSS (MB) | failed |"
+            "| ITL p99 (ms) | peak RSS (MB) | peak KV cache (MB) | failed |"
         ),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lv in levels:
         rows.append(
             f"| {lv.clients} | {lv.requests} | {lv.tokens / lv.elapsed:.1f} | {pct(lv.ttft, 0.5)} | "
             f"{pct(lv.ttft, 0.99)} | {pct(lv.itl, 0.5)} | {pct(lv.itl, 0.99)} | {lv.peak_rss_mb:.0f} "
-            f"| {lv.failed} |"
+            f"| {'-' if lv.peak_cache_mb is None else f'{lv.peak_cache_mb:.1f}'} | {lv.failed} |"
         )
     return "\n".join(rows)
 
@@ -181,7 +203,11 @@ def main() -> None:
     p.add_argument("--clients", default="1,4,8,16")
     p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request (EOS ignored)")
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-cache-mb", type=int, default=256, help="the server's KV budget (serve --max-cache-mb)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quant", choices=["auto", "dequantize", "int8", "int4"], default="auto",
+                   help="edgelm's weights (serve --quant): auto = the GGUF's int4 as is; dequantize = fp32, "
+                   "memory-bound per step, so batched rows cost little more than one")
     p.add_argument("--server", choices=["edgelm", "llama.cpp"], default="edgelm",
                    help="llama.cpp: llama-cpp-python's server (pip install sse-starlette starlette-context "
                    "pydantic-settings); it does not honour ignore_eos, so its requests may end early")
@@ -193,7 +219,7 @@ def main() -> None:
             levels.append(asyncio.run(run_level(url, n, args.duration, args.max_tokens, proc.pid)))
             print(f"{n} clients: {levels[-1].tokens} tokens in {levels[-1].elapsed:.1f} s", file=sys.stderr)
         print(
-            f"\n{args.server} server, {Path(args.model).stem}, max batch {args.max_batch}, threads {args.threads or 'default'}, "
+            f"\n{args.server} server, {Path(args.model).stem} (--quant {args.quant}), max batch {args.max_batch}, KV budget {args.max_cache_mb} MB, threads {args.threads or 'default'}, "
             f"{args.max_tokens} tokens per request, {args.duration:g} s per level\n"
         )
         print(table(levels))

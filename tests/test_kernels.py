@@ -76,8 +76,8 @@ def test_matmul_equals_reference_on_rounded_activations(kind, K, N, M):
 @pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 21, 64, 65])
 @pytest.mark.parametrize("N,K", [(80, 576), (83, 100)], ids=["even", "odd-rows-K-tail"])
 def test_dense_fp32_matmul(M, N, K):
-    """Kind 0: f32_rows for up to 64 rows (passes of 8; two weight rows per pass up to 4 rows, one
-    above; odd weight rows and the K tail), torch's GEMM above."""
+    """Kind 0: f32_rows for up to 64 rows (passes of 8; two weight rows per pass up to 6 rows, one
+    above 6; odd weight rows and the K tail), torch's GEMM above."""
     linear = torch.nn.Linear(K, N)
     w, b = linear.weight.detach(), linear.bias.detach()
     handle = kernels.ext().make_linear(0, w, torch.empty(0), b)

@@ -311,7 +311,9 @@ def test_minicpm4_sparse_config():
     assert all(layer.self_attn.sparse is None for layer in dense.layers)
     toks = tokens(160)
     out = sparse(toks)
-    assert torch.equal(out[:, :63], dense(toks[:, :63]))  # dense_len 64: the first 63 queries are dense
+    # dense_len 64: the first 63 queries are dense (to fp32 rounding: 63 rows of LM head run edgelm's
+    # few-rows kernel, 160 run MKL's GEMM)
+    close(out[:, :63], dense(toks[:, :63]), atol=1e-5)
     assert (out - dense(toks))[:, 63:].abs().max() > 1e-2
     close(run_chunks(sparse, toks, [70] + [1] * 90), out)
     with pytest.raises(ValueError, match="use_nope"):

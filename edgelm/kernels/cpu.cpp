@@ -598,14 +598,14 @@ void q8_rows(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale,
 }
 
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias) for fp32 W, rows n in [n0, n1), MB <= 8 activation
-// rows from m0 in one pass: R weight rows at a time (2 while MB <= 4, else 1, so the R * MB
+// rows from m0 in one pass: R weight rows at a time (2 while MB <= 6, else 1, so the R * MB
 // accumulators fit the 16 ymm registers), each 8-float slice loaded once for all MB rows. MKL's
 // GEMM for 2-32 rows costs ~2.5-8x its one-row GEMV here; this stays near the memory time until
 // the FMAs bound it (~8 rows). Every output sums its k-slices in the same order for any MB and R.
 template <int MB>
 void f32_rows(const float* x, int64_t K, int64_t m0, const float* w, const float* bias, float* y, int64_t N, int64_t n0,
               int64_t n1) {
-  constexpr int R = MB <= 4 ? 2 : 1;
+  constexpr int R = MB <= 6 ? 2 : 1;
   const float* xr = x + m0 * K;
   int64_t n = n0;
 #ifdef EDGELM_AVX2

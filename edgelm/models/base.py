@@ -10,6 +10,7 @@ import inspect
 import torch
 from torch import nn
 
+from edgelm import kernels
 from edgelm.cache import KVCache, SlidingWindowKVCache
 from edgelm.layers.attention import ForwardContext
 
@@ -75,6 +76,14 @@ class CausalLM(nn.Module):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head(h): few rows of a dense fp32 head (decode, verify, batched steps) by edgelm's
+        kernel, everything else (and everything while `fast_decode` is False: the profiler's
+        module hooks) by the module."""
+        fast = self.__dict__.get("fast_decode", True) is not False
+        out = kernels.dense_linear(self.lm_head, h) if fast else None
+        return self.lm_head(h) if out is None else out
 
     def fuse(self) -> "CausalLM":
         """Fuse q/k/v and gate/up projections in every layer (same maths, fewer matmuls)."""

@@ -125,7 +125,7 @@ class Model(CausalLM):
         return self.model.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.lm_head(h)
+        out = self.head(h)
         cap = self.config.final_logit_softcapping
         return out if cap is None else torch.tanh(out.float() / cap) * cap
 

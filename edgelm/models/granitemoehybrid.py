@@ -219,7 +219,7 @@ class Model(CausalLM):
         return self.model.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h) / self.config.logits_scaling
+        return self.head(h) / self.config.logits_scaling
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """KV bytes one token adds (attention layers only)."""

@@ -151,6 +151,6 @@ class Model(CausalLM):
         return self.model.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.lm_head(h)
+        out = self.head(h)
         s = self.config.logits_scaling
         return out / s if s != 1.0 else out

@@ -103,7 +103,7 @@ class Model(CausalLM):
         return self.model.norm(h.to(self.model.norm.weight.dtype))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h.to(self.lm_head.weight.dtype))
+        return self.head(h.to(self.lm_head.weight.dtype))
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         return 0
