@@ -7,7 +7,7 @@ import torch
 
 from edgelm import load
 from edgelm.generate import generate, generate_step, stream_generate
-from edgelm.sampling import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty, make_sampler
+from edgelm.sampling import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty, make_sampler, sample_from
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 STORIES_GOLDEN = (
@@ -124,6 +124,24 @@ def test_sampling_distribution_follows_temperature():
     draws = torch.stack([sampler(logits) for _ in range(4000)]).flatten()
     freq = torch.bincount(draws, minlength=3).float() / draws.numel()
     assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.03)
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    """sample_from (the samplers' fast path) draws from probs exactly: chi-square against the
+    expected counts, zero-probability tokens never, rows independent, a seed reproduces."""
+    probs = torch.tensor([0.05, 0.0, 0.25, 0.4, 0.0, 0.3])
+    n = 60000
+    draws = sample_from(probs.expand(n, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6).double()
+    assert counts[1] == 0 and counts[4] == 0
+    live = probs > 0
+    expected = probs[live].double() * n
+    chi2 = float(((counts[live] - expected) ** 2 / expected).sum())
+    assert chi2 < 16.27  # chi-square, 3 degrees of freedom, p = 0.001
+    rows = torch.stack([torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0])])
+    assert sample_from(rows).tolist() == [0, 2]
+    a = sample_from(probs.expand(50, -1), torch.Generator().manual_seed(3))
+    assert torch.equal(a, sample_from(probs.expand(50, -1), torch.Generator().manual_seed(3)))
 
 
 def test_bad_sampling_args():

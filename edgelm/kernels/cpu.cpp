@@ -546,6 +546,17 @@ void for_row_chunks(int64_t M, F f) {
   rest_chunk<MAX - 1>(M - m, m, f);
 }
 
+// f(s0, s1) over [0, n) in slices of at most `grain` weight rows, split among the threads.
+// at::parallel_for hands each thread one contiguous range (half the weights on two threads), so
+// the slicing is done here: all of a call's row chunks (passes of 8 activation rows) run over one
+// L2-sized slice before the next, and passes after the first read the weights from L2, not memory.
+template <typename F>
+void for_slices(int64_t n, int64_t grain, const F& f) {
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t s = n0; s < n1; s += grain) f(s, std::min(n1, s + grain));
+  });
+}
+
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias) for the row-major tail rows n in [n0, n1) of an int8
 // W (N % 8 of them): eight blocks' int32 sums reduced into one vector, then the activation scales.
 template <int MB>
@@ -648,7 +659,7 @@ struct Linear {
     const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
     if (kind == 0 && M <= kFewRows && w.is_contiguous()) {  // few rows: f32_rows, 8 rows per pass
       const float* wp = w.data_ptr<float>();
-      at::parallel_for(0, N, std::max<int64_t>(2, grain_rows(K * 4)), [&](int64_t n0, int64_t n1) {
+      for_slices(N, std::max<int64_t>(2, grain_rows(K * 4)), [&](int64_t n0, int64_t n1) {
         for_row_chunks<8>(M, [&](auto mb, int64_t m) { f32_rows<decltype(mb)::value>(x, K, m, wp, b, y, N, n0, n1); });
       });
       return;
@@ -665,14 +676,14 @@ struct Linear {
       const uint8_t* qs = w.data_ptr<uint8_t>();
       const uint16_t* sz = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
       const int64_t tiles = N / 8;
-      at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(K / 2) / 8), [&](int64_t t0, int64_t t1) {
+      for_slices(tiles, std::max<int64_t>(1, grain_rows(K / 2) / 8), [&](int64_t t0, int64_t t1) {
         for_row_chunks<8>(M, [&](auto mb, int64_t m) { q4_tiles<decltype(mb)::value>(a, m, qs, sz, b, y, N, t0, t1); });
       });
     } else {
       const int8_t* wq = w.data_ptr<int8_t>();
       const uint16_t* sc = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
       const int64_t tiles = N / 8;
-      at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(K) / 8), [&](int64_t t0, int64_t t1) {
+      for_slices(tiles, std::max<int64_t>(1, grain_rows(K) / 8), [&](int64_t t0, int64_t t1) {
         for_row_chunks<8>(M, [&](auto mb, int64_t m) { q8_tiles<decltype(mb)::value>(a, m, wq, sc, b, y, N, t0, t1); });
       });
       if (N % 8) {  // the row-major tail rows
