@@ -1,4 +1,4 @@
-"""edgelm's int4/int8 kernels against torch's stock ones and fp32 F.linear, side by side.
+"""edgelm's int4/int8/fp32 kernels against torch's stock ones and fp32 F.linear (MKL), side by side.
 
     python benchmarks/kernels.py [--threads 1] [--rows 1,4,8,16]
 
@@ -31,14 +31,14 @@ def median_ms(fn, n: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rows", default="1,4,8,16")
+    p.add_argument("--rows", default="1,4,8,11,16")
     p.add_argument("--repeat", type=int, default=50)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not kernels.available():
         raise SystemExit("edgelm's kernels did not build here (see the warning above)")
     print(f"threads {args.threads}; ms per call (GB/s of weights read)")
-    print("shape        M  int4 edgelm     int4 torch   int8 edgelm     int8 torch   fp32 F.linear")
+    print("shape        M  int4 edgelm     int4 torch   int8 edgelm     int8 torch   fp32 edgelm    fp32 F.linear")
     for N, K in SHAPES:
         linear = torch.nn.Linear(K, N, bias=False).requires_grad_(False)
         ours4 = Int4Linear.from_float(linear, 32)
@@ -46,6 +46,7 @@ def main() -> None:
         int8 = Int8Linear.from_float(linear)
         int8_rows = int8.codes()  # row order, as torch's kernel takes it
         w = linear.weight
+        f32 = kernels.ext().make_linear(0, w, torch.empty(0), None)  # the few-rows kernel (<= 64 rows)
         for M in (int(m) for m in args.rows.split(",")):
             x = torch.randn(M, K)
             xb = x.bfloat16()
@@ -54,9 +55,10 @@ def main() -> None:
                 median_ms(lambda: torch4.kernel(x), args.repeat),
                 median_ms(lambda: int8.kernel(x), args.repeat),
                 median_ms(lambda: torch._weight_int8pack_mm(xb, int8_rows, int8.scales), args.repeat),
+                median_ms(lambda: kernels.ext().linear(f32, x), args.repeat),
                 median_ms(lambda: x @ w.T, args.repeat),
             ]
-            gb = [N * K * 0.5625 / 1e6, N * K * 0.5625 / 1e6, N * K / 1e6, N * K / 1e6, N * K * 4 / 1e6]
+            gb = [N * K * 0.5625 / 1e6, N * K * 0.5625 / 1e6, N * K / 1e6, N * K / 1e6, N * K * 4 / 1e6, N * K * 4 / 1e6]
             cells = "  ".join(f"{ms:6.3f} ({g / ms:4.1f})" for ms, g in zip(t, gb))
             print(f"{N:5d}x{K:<5d} {M:2d}  {cells}")
 

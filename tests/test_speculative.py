@@ -465,6 +465,25 @@ def test_frspec_over_a_quantized_head(stories, stories_fr):
     assert out == greedy(stories, ids, 80) and stats.num_accepted > 0
 
 
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_frspec_head_of_a_quantized_draft_stays_quantized(stories, stories_fr, method):
+    """The restricted head of an int4/int8 draft keeps its codes (not an fp32 copy, which would
+    read more bytes than the full quantized head) and gives exactly the full head's logits at ids."""
+    from edgelm.quant import quantize_model
+
+    draft = quantize_model(copy.deepcopy(stories), method, predicate=lambda path, m: path == "lm_head")
+    ids_fr = stories_fr[64]
+    view = restrict_lm_head(draft, ids_fr)
+    assert type(view.lm_head) is type(draft.lm_head) and view.lm_head.out_features == 64
+    assert draft.lm_head.out_features == 512  # the draft itself is untouched
+    x = torch.tensor([stories.tokenizer.encode("Once upon a time")])
+    with torch.inference_mode():
+        assert torch.equal(view(x), draft(x)[..., ids_fr])
+    ids = x[0].tolist()
+    out, stats = speculate(stories, ids, DraftModelProposer(draft, frspec_ids=ids_fr), 60)
+    assert out == greedy(stories, ids, 60) and stats.num_accepted > 0
+
+
 def test_cli_helpers(tmp_path, stories):
     path = tmp_path / "fr.safetensors"
     top = argparse.ArgumentParser()

@@ -229,6 +229,14 @@ class Int4Linear(_QuantLinear):
         scales, zeros = self.scales_zeros()
         return dequantize_int4(self.codes(), scales, zeros, self.group_size, dtype)
 
+    def select_rows(self, rows: torch.Tensor) -> "Int4Linear":
+        """A module of only output rows `rows`, same codes, scales and layout (an FR-Spec head:
+        it stays 4-bit, so it reads len(rows)/N of the bytes)."""
+        q = unpack_int4_blocks(self.packed, rows) if self.layout == "blocks" else self.codes()[rows]
+        scales, zeros = (t[rows] for t in self.scales_zeros())
+        bias = None if self.bias is None else self.bias.detach()[rows]
+        return Int4Linear.from_quantized(q, scales, zeros, self.group_size, bias, self.layout)
+
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """fp32 rows W[rows] (R, K), reading only those rows (embedding lookups)."""
         if self.layout == "blocks":
@@ -333,6 +341,11 @@ class Int8Linear(_QuantLinear):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(self.codes(), self.scales, dtype)
+
+    def select_rows(self, rows: torch.Tensor) -> "Int8Linear":
+        """A module of only output rows `rows`, same codes and scales (see Int4Linear.select_rows)."""
+        bias = None if self.bias is None else self.bias.detach()[rows]
+        return Int8Linear.from_quantized(self.codes(rows), self.scales[rows], bias, self.layout)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return dequantize_int8(self.codes(rows), self.scales[rows])

@@ -118,17 +118,34 @@ def restrict_lm_head(model: nn.Module, ids: torch.Tensor) -> nn.Module:
     """A view of `model` whose LM head keeps only rows `ids`: logits (B, L, len(ids)), index j
     standing for token ids[j]. Every other weight is shared; the model's own `logits()` still
     applies `logits_scaling` / soft-capping, so draft probabilities are the model's, restricted."""
-    weight, bias = dense_head(model.lm_head)  # (V, hidden), (V,) or None
+    head = model.lm_head
     ids = torch.as_tensor(ids, dtype=torch.long)
-    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]:
-        raise ValueError(f"FR-Spec ids must be in 0..{weight.shape[0] - 1} (the LM head's rows)")
-    sub = nn.Linear(weight.shape[1], ids.numel(), bias=bias is not None, dtype=weight.dtype)
-    sub.weight = nn.Parameter(weight[ids].contiguous(), requires_grad=False)  # (V_high, hidden), sliced once
-    if bias is not None:
-        sub.bias = nn.Parameter(bias[ids].contiguous(), requires_grad=False)
+    rows = head.out_features if hasattr(head, "out_features") else dense_head(head)[0].shape[0]
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= rows:
+        raise ValueError(f"FR-Spec ids must be in 0..{rows - 1} (the LM head's rows)")
     view = module_view(model)
-    view.lm_head = sub
+    view.lm_head = quantized_rows(head, ids)
+    if view.lm_head is None:  # a dense (or unknown) head: its float rows, sliced once
+        weight, bias = dense_head(head)  # (V, hidden), (V,) or None
+        sub = nn.Linear(weight.shape[1], ids.numel(), bias=bias is not None, dtype=weight.dtype)
+        sub.weight = nn.Parameter(weight[ids].contiguous(), requires_grad=False)  # (V_high, hidden)
+        if bias is not None:
+            sub.bias = nn.Parameter(bias[ids].contiguous(), requires_grad=False)
+        view.lm_head = sub
     return view
+
+
+@torch.inference_mode()
+def quantized_rows(head: nn.Module, ids: torch.Tensor) -> nn.Module | None:
+    """The rows `ids` of an int4/int8 head in its own format (a 4-bit draft's restricted head stays
+    4-bit: dequantizing it to fp32 would read 7x the bytes of the full int4 head it replaces), or
+    None when the head is not one (or the int4 tile layout cannot hold len(ids) rows)."""
+    from edgelm.quant.linear import Int4Linear, Int8Linear
+    from edgelm.quant.primitives import INT4_ROW_MULTIPLE
+
+    if isinstance(head, Int8Linear) or (isinstance(head, Int4Linear) and ids.numel() % INT4_ROW_MULTIPLE == 0):
+        return head.select_rows(ids)
+    return None
 
 
 @torch.inference_mode()
