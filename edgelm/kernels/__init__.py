@@ -18,7 +18,6 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = pathlib.Path(__file__).with_name("cpu.cpp")
 _state: dict = {}
-FEW_ROWS = 64  # cpu.cpp's kFewRows: up to this many rows its fp32 kernel beats MKL's GEMM here
 # nn.Linear -> (weight/bias addresses, C++ Linear); outside the module so deepcopy/pickle never see it
 _DENSE: "weakref.WeakKeyDictionary[torch.nn.Linear, tuple]" = weakref.WeakKeyDictionary()
 
@@ -79,25 +78,29 @@ def available() -> bool:
     return ext() is not None
 
 
-def dense_linear(m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
-    """m(x) by the C++ few-rows fp32 kernel, or None when it does not apply (no kernels, autograd,
-    not fp32, more than FEW_ROWS rows). Used for a dense LM head: a 5-row speculative verify or an
-    8-row batched step reads the 113 MB fp32 head of a 49K vocabulary once (~1.4x one row), where
-    MKL's GEMM costs ~6x its one-row GEMV on this CPU. Each row's output is the same for any rows
-    beside it (tests/test_kernels.py)."""
-    if (
-        type(m) is not torch.nn.Linear
-        or m.weight.dtype != torch.float32
-        or x.dtype != torch.float32
-        or x.numel() > FEW_ROWS * m.in_features
-        or torch.is_grad_enabled()
-        or ext() is None
-    ):
+def dense_handle(m: torch.nn.Module):
+    """The C++ Linear (kind 0) over a dense fp32 nn.Linear's own weight, cached per module and
+    rebuilt when its weight or bias is replaced; None for anything else."""
+    if type(m) is not torch.nn.Linear or m.weight.dtype != torch.float32 or ext() is None:
         return None
     w, b = m.weight, m.bias
     key = (w.data_ptr(), None if b is None else b.data_ptr())
     cached = _DENSE.get(m)
     if cached is None or cached[0] != key:
         bias = None if b is None else b.detach().float().contiguous()
-        cached = _DENSE[m] = (key, ext().make_linear(0, w.detach().contiguous(), torch.empty(0), bias))
-    return ext().linear(cached[1], x.contiguous())
+        cached = _DENSE[m] = (key, ext().make_linear(0, w.detach(), torch.empty(0), bias))
+    return cached[1]
+
+
+def dense_linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """m(x) by the C++ few-rows fp32 kernel, or None when it does not apply (no kernels, autograd,
+    not a dense fp32 nn.Linear, more rows than the kernel's `few_rows`, where it would hand them to
+    MKL anyway). Used for a dense LM head: an 8-row verify or batched step reads the 113 MB fp32
+    head of a 49K vocabulary once (~1.1x one row), where MKL's GEMM costs 3-6x its one-row GEMV on
+    this CPU. Each row's output is the same for any rows beside it (tests/test_kernels.py)."""
+    if x.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    handle = dense_handle(m)
+    if handle is None or x.numel() > ext().few_rows * m.in_features:
+        return None
+    return ext().linear(handle, x.contiguous())

@@ -1034,6 +1034,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("kernels") = std::vector<at::Tensor>())
       .def("take_attention_seconds", &LlamaDecoder::take_attention_seconds, "attention wall time since the last call")
       .def("set_sparse", &LlamaDecoder::set_sparse, "InfLLM v2 settings (block, kernel, stride, init, window, topk, dense_len)");
+  m.attr("few_rows") = kFewRows;  // dense fp32 rows up to which Linear runs f32_rows, not MKL
 #ifdef EDGELM_AVX2
   m.attr("isa") = "avx2";
 #else

@@ -2,11 +2,12 @@
 
 The module path (`models/llama.py`) stays the reference and the fallback. The fast step runs when
 a forward feeds few new tokens (decode, batched decode, speculative verify, short prompts:
-B * L <= MAX_ROWS), without autograd, on a model whose pieces it knows: fused qkv and gate/up projections, SiLU, plain
-RMSNorm, rotary or no position embedding, dense fp32 / int4 ("blocks" layout) / int8 linears, full
-attention over a KV cache it can write into, or InfLLM v2 sparse attention over a SparseKVCache
-(block selection and attention over the chosen blocks in C++). Anything else (sliding windows,
-q/k norms, left padding, bf16 caches, ...) returns None and the module path runs.
+B * L <= MAX_ROWS), without autograd, on a model whose pieces it knows: fused qkv and gate/up
+projections, SiLU, plain RMSNorm, rotary or no position embedding, dense fp32 / int4 ("blocks"
+layout) / int8 linears, full attention over a KV cache it can write into, or InfLLM v2 sparse
+attention over a SparseKVCache (block selection and attention over the chosen blocks in C++).
+Anything else (sliding windows, q/k norms, left padding, bf16 caches, ...) returns None and the
+module path runs.
 
 Per token it saves the ~1,000 Python-dispatched ops of a 30-layer model (docs/profile-smollm2.md);
 tests/test_kernels.py checks it against the module path.
@@ -29,12 +30,11 @@ MAX_ROWS = 128
 _DECODERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _kernel_linear(ext, m: nn.Module):
+def _kernel_linear(m: nn.Module):
     """The C++ Linear that runs `m`, or None: dense fp32 weights as they are, quantized modules
     through their own `kernel_handle()` (the handle their forward already uses)."""
-    if type(m) is nn.Linear and m.weight.dtype == torch.float32:
-        bias = None if m.bias is None else m.bias.detach().float().contiguous()
-        return ext.make_linear(0, m.weight.detach(), torch.empty(0), bias)
+    if type(m) is nn.Linear:
+        return kernels.dense_handle(m)
     handle = getattr(m, "kernel_handle", None)
     return handle() if handle is not None else None
 
@@ -57,8 +57,7 @@ def _layer_parts(layer) -> tuple[list, list] | None:
     )
     if not ok:
         return None
-    ext = kernels.ext()
-    linears = [_kernel_linear(ext, m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    linears = [_kernel_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
     if any(lin is None for lin in linears):
         return None
     norms = [layer.input_layernorm.weight.detach().float(), layer.post_attention_layernorm.weight.detach().float()]
