@@ -51,7 +51,7 @@ def main() -> None:
             m.qweight = q
         kernels.ext = lambda: builds[which]  # every handle and decoder is rebuilt from this build
         fast._DECODERS.clear()
-        qlinear._KERNEL_HANDLES.clear()
+        kernels._HANDLES.clear()
 
     ids = list(range(100, 228))
     ms = {"old": [], "new": []}

@@ -151,8 +151,9 @@ def server_command(args, port: int) -> list[str]:
         str(args.max_batch),
         "--max-cache-mb",
         str(args.max_cache_mb),
+        "--quant",
+        args.quant,
     ]
-    cmd += ["--quant", args.quant]
     return cmd + (["--threads", str(args.threads)] if args.threads else [])
 
 

@@ -18,8 +18,8 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = pathlib.Path(__file__).with_name("cpu.cpp")
 _state: dict = {}
-# nn.Linear -> (weight/bias addresses, C++ Linear); outside the module so deepcopy/pickle never see it
-_DENSE: "weakref.WeakKeyDictionary[torch.nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+# module -> (its buffers' addresses, C++ Linear); outside the module so deepcopy/pickle never see it
+_HANDLES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _isa_flags() -> list[str]:
@@ -78,18 +78,23 @@ def available() -> bool:
     return ext() is not None
 
 
+def linear_handle(module: torch.nn.Module, kind: int, w: torch.Tensor, s: torch.Tensor | None, bias):
+    """The C++ Linear (`make_linear`: kind 0 dense fp32, 1 int4 blocks, 2 int8) over `module`'s
+    own buffers, cached per module and rebuilt when a buffer is replaced."""
+    key = (kind, w.data_ptr(), None if s is None else s.data_ptr(), None if bias is None else bias.data_ptr())
+    cached = _HANDLES.get(module)
+    if cached is None or cached[0] != key:
+        b = None if bias is None else bias.detach().float().contiguous()
+        scales = torch.empty(0) if s is None else s
+        cached = _HANDLES[module] = (key, ext().make_linear(kind, w.detach(), scales, b))
+    return cached[1]
+
+
 def dense_handle(m: torch.nn.Module):
-    """The C++ Linear (kind 0) over a dense fp32 nn.Linear's own weight, cached per module and
-    rebuilt when its weight or bias is replaced; None for anything else."""
+    """The C++ Linear over a dense fp32 nn.Linear's own weight; None for anything else."""
     if type(m) is not torch.nn.Linear or m.weight.dtype != torch.float32 or ext() is None:
         return None
-    w, b = m.weight, m.bias
-    key = (w.data_ptr(), None if b is None else b.data_ptr())
-    cached = _DENSE.get(m)
-    if cached is None or cached[0] != key:
-        bias = None if b is None else b.detach().float().contiguous()
-        cached = _DENSE[m] = (key, ext().make_linear(0, w.detach(), torch.empty(0), bias))
-    return cached[1]
+    return linear_handle(m, 0, m.weight, None, m.bias)
 
 
 def dense_linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:

@@ -23,8 +23,6 @@ torch's layout dequantizes slowly (~2 ms per 1M weights: its packed order needs 
 its higher threshold.
 """
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,9 +70,6 @@ def default_int4_layout() -> str:
     return "blocks" if kernels.available() else "torch"
 
 
-_KERNEL_HANDLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
 class _QuantLinear(nn.Module):
     """Shared forward policy: int kernel for few rows (decode), dense weight for many (prefill)."""
 
@@ -108,12 +103,7 @@ class _QuantLinear(nn.Module):
     def _edgelm_kernel(self, kind: int, w: torch.Tensor, s: torch.Tensor):
         """The C++ kernel's handle for these buffers (rebuilt when a buffer is replaced). Kept
         outside the module's __dict__ so that copy.deepcopy and pickling never see it."""
-        key = (w.data_ptr(), s.data_ptr(), None if self.bias is None else self.bias.data_ptr())
-        cached = _KERNEL_HANDLES.get(self)
-        if cached is None or cached[0] != key:
-            bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            cached = _KERNEL_HANDLES[self] = (key, kernels.ext().make_linear(kind, w, s, bias))
-        return cached[1]
+        return kernels.linear_handle(self, kind, w, s, self.bias)
 
     def extra_repr(self) -> str:
         has_bias = self.bias is not None

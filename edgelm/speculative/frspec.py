@@ -120,13 +120,14 @@ def restrict_lm_head(model: nn.Module, ids: torch.Tensor) -> nn.Module:
     applies `logits_scaling` / soft-capping, so draft probabilities are the model's, restricted."""
     head = model.lm_head
     ids = torch.as_tensor(ids, dtype=torch.long)
-    rows = head.out_features if hasattr(head, "out_features") else dense_head(head)[0].shape[0]
+    dense = None if hasattr(head, "out_features") else dense_head(head)  # read back once at most
+    rows = head.out_features if dense is None else dense[0].shape[0]
     if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= rows:
         raise ValueError(f"FR-Spec ids must be in 0..{rows - 1} (the LM head's rows)")
     view = module_view(model)
     view.lm_head = quantized_rows(head, ids)
     if view.lm_head is None:  # a dense (or unknown) head: its float rows, sliced once
-        weight, bias = dense_head(head)  # (V, hidden), (V,) or None
+        weight, bias = dense or dense_head(head)  # (V, hidden), (V,) or None
         sub = nn.Linear(weight.shape[1], ids.numel(), bias=bias is not None, dtype=weight.dtype)
         sub.weight = nn.Parameter(weight[ids].contiguous(), requires_grad=False)  # (V_high, hidden)
         if bias is not None:
