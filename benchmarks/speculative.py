@@ -2,7 +2,7 @@
 length per proposer, with and without FR-Spec, on a chat prompt and a code-continuation prompt.
 
     python benchmarks/speculative.py [--model PATH] [--target fp32|int4] [--max-tokens 64]
-                                     [--threads 2] [--num-draft 4] [--cost]
+                                     [--threads 2] [--num-draft 4] [--cost] [--branches 2,2] [--tries 4]
 
 Plain greedy `generate_step` is measured in the same run as the baseline, and every speculative
 run is checked token-for-token against it. Prints a Markdown table (and JSON with --json).
@@ -51,12 +51,15 @@ def self_quant(model):
     return self_quant_draft(model, "int4"), "int4"
 
 
-def proposers(model, ids_fr: torch.Tensor, layers: int, quant, quant_name: str) -> dict:
-    """name -> (FR-Spec size or None, factory). No self-quant draft when the target is int4 itself."""
+def proposers(model, ids_fr: torch.Tensor, layers: int, quant, quant_name: str, branches=(2, 2), tries=4) -> dict:
+    """name -> (FR-Spec size or None, factory). No self-quant draft when the target is int4 itself.
+    Tree variants: model drafts with top-`branches` tokens per depth, n-gram tries of `tries`."""
     V = len(ids_fr)
+    tree = ",".join(map(str, branches))
     cases = {
         "n-gram (prompt lookup)": (None, lambda: NgramProposer(n_max=3)),
         "n-gram, matches of 2..5": (None, lambda: NgramProposer(n_max=5, n_min=2)),
+        f"n-gram 2..5, trie of {tries}": (None, lambda: NgramProposer(n_max=5, n_min=2, branches=tries)),
         f"layer-skip {layers}/{len(model.layers)}": (None, lambda: LayerSkipProposer(model, layers)),
         f"layer-skip {layers}/{len(model.layers)} + FR": (
             V,
@@ -66,6 +69,11 @@ def proposers(model, ids_fr: torch.Tensor, layers: int, quant, quant_name: str) 
     if quant is not None:
         cases[f"self-quant {quant_name}"] = (None, lambda: DraftModelProposer(quant))
         cases[f"self-quant {quant_name} + FR"] = (V, lambda: DraftModelProposer(quant, ids_fr))
+        cases[f"self-quant {quant_name}, tree {tree}"] = (None, lambda: DraftModelProposer(quant, branches=branches))
+        cases[f"self-quant {quant_name} + FR, tree {tree}"] = (
+            V,
+            lambda: DraftModelProposer(quant, ids_fr, branches=branches),
+        )
     return cases
 
 
@@ -166,6 +174,8 @@ def main() -> None:
     p.add_argument("--num-draft", type=int, default=4)
     p.add_argument("--layers", type=int, default=24, help="decoder layers the layer-skip draft keeps")
     p.add_argument("--frspec-size", type=int, default=8192)
+    p.add_argument("--branches", default="2,2", help="tree drafts: top-b tokens at depth 1, 2, ...")
+    p.add_argument("--tries", type=int, default=4, help="tree drafts: n-gram continuations merged into a trie")
     p.add_argument("--target", choices=["fp32", "int4"], default="fp32", help="int4: group-32 weight-only")
     p.add_argument("--cost", action="store_true",
                    help="first measure verify cost vs a one-token step and tune the adaptive draft length to it")
@@ -189,7 +199,8 @@ def main() -> None:
               + ", ".join(f"L={L}: {t:.1f} ({t / ms[1]:.2f}x)" for L, t in ms.items()), flush=True)
         args.verify_cost = max(0.0, (ms[5] / ms[1] - 1) / 4)  # extra cost per draft token, measured
         print(f"adaptive draft length uses verify cost {args.verify_cost:.3f} per draft token", flush=True)
-    cases = proposers(model, ids_fr, args.layers, quant, quant_name)
+    branches = tuple(int(b) for b in args.branches.split(","))
+    cases = proposers(model, ids_fr, args.layers, quant, quant_name, branches, args.tries)
     if args.proposers:
         cases = {k: v for k, v in cases.items() if any(w in k for w in args.proposers.split(","))}
     chosen = {k: v for k, v in prompts(model.tokenizer).items() if k in args.prompts.split(",")}

@@ -16,6 +16,7 @@ from edgelm.generate import generate_step
 from edgelm.models import build_model
 from edgelm.sampling import make_repetition_penalty
 from edgelm.speculative import (
+    Draft,
     DraftModelProposer,
     LayerSkipProposer,
     NgramProposer,
@@ -88,6 +89,9 @@ STORIES_PROPOSERS = {
     "layerskip": lambda m, d, fr: LayerSkipProposer(m, 3),
     "frspec-draft": lambda m, d, fr: DraftModelProposer(d, frspec_ids=fr[64]),
     "frspec-layerskip": lambda m, d, fr: LayerSkipProposer(m, 2, frspec_ids=fr[64]),
+    "tree-draft": lambda m, d, fr: DraftModelProposer(d, branches=(3, 2)),
+    "tree-frspec-layerskip": lambda m, d, fr: LayerSkipProposer(m, 2, frspec_ids=fr[64], branches=(2, 2, 2)),
+    "ngram-trie": lambda m, d, fr: NgramProposer(n_max=3, branches=4),
 }
 STORIES_PROMPTS = ["Once upon a time", "Tom had a red ball. Tom had a red ball. Tom had a red"]
 
@@ -183,6 +187,69 @@ def test_untrimmable_target_cache_rolls_back_by_snapshot(stories, stories_draft)
     assert stats.num_accepted < stats.num_proposed  # rejections happened, so restore ran
 
 
+def tree_draft(model, ids: list[int], **kwargs) -> Draft:
+    """A real draft tree: layer-skip top-3 / top-2 / chain for 3 depths, plus an extra branch."""
+    draft = LayerSkipProposer(model, 1, branches=(3, 2), **kwargs).propose(ids, 3)
+    assert draft.parents is not None and draft.depth == 3
+    return draft
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_tree_verify_equals_every_path_alone(stories, smol, fast):
+    """One tree forward gives each node the logits of its own path run as a plain sequence
+    (C++ step and module path), and keep() leaves the cache of the accepted path alone."""
+    for model, atol in ((stories, 1e-4), (smol, 3e-4)):
+        ids = model.tokenizer.encode("Once upon a time there was a little")
+        draft = tree_draft(model, ids)
+        model.fast_decode = fast
+        try:
+            with torch.inference_mode():
+                cache = model.make_cache()
+                model(torch.tensor([ids[:-1]]), cache)
+                start = cache[0].offset
+                tree = torch.tensor([-1] + [p + 1 for p in draft.parents])
+                out = model(torch.tensor([ids[-1:] + draft.tokens]), cache, tree=tree)[0]
+                for i in range(-1, len(draft.tokens)):
+                    path = draft.path_tokens(i) if i >= 0 else []
+                    ref = model(torch.tensor([ids + path]))[0, -1]
+                    torch.testing.assert_close(out[i + 1], ref, atol=atol, rtol=0)
+                leaf = len(draft.tokens) - 1  # a runner-up leaf off the chain
+                kept = [0] + [j + 1 for j in path_nodes(draft, leaf)]
+                for c in cache:
+                    c.keep(start, kept)
+                after = model(torch.tensor([[7]]), cache)[0, -1]
+                ref = model(torch.tensor([ids + draft.path_tokens(leaf) + [7]]))[0, -1]
+                torch.testing.assert_close(after, ref, atol=atol, rtol=0)
+        finally:
+            model.fast_decode = True
+
+
+def path_nodes(draft: Draft, i: int) -> list[int]:
+    nodes = []
+    while i >= 0:
+        nodes.append(i)
+        i = draft.parents[i]
+    return nodes[::-1]
+
+
+def test_tree_drafts_and_bad_trees(stories):
+    context = [1, 2, 3, 1, 4, 5, 1, 2, 6, 1]  # after "1": 2 6 1 (latest), 4 5 1, 2 3 1
+    trie = NgramProposer(n_max=1, branches=3).propose(context, 3)
+    assert trie.tokens == [2, 6, 1, 4, 5, 1, 3, 1] and trie.parents == [-1, 0, 1, -1, 3, 4, 0, 6]
+    assert trie.chain().tokens == NgramProposer(n_max=1).propose(context, 3).tokens == [2, 6, 1]
+    assert NgramProposer(n_max=1, branches=2).propose(context, 3).parents == [-1, 0, 1, -1, 3, 4]
+    ids = stories.tokenizer.encode("Tom had a red ball. Tom had a red ball. Tom had a red")
+    with pytest.raises(ValueError, match="branches must be >= 1"):
+        LayerSkipProposer(stories, 2, branches=(2, 0))
+    with pytest.raises(ValueError, match="branches must be >= 1"):
+        NgramProposer(branches=0)
+    x = torch.tensor([ids[:4]])
+    with pytest.raises(ValueError, match="parents must come before their children"):
+        stories(x, stories.make_cache(), tree=torch.tensor([-1, 2, 0, 1]))
+    with pytest.raises(ValueError, match="cannot verify a draft tree"):
+        stories(x, None, tree=torch.tensor([-1, 0, 0, 1]))
+
+
 def test_adaptive_draft_length():
     cheap = DraftLength(6, cost=0.0, adaptive=True)
     for _ in range(10):
@@ -247,7 +314,9 @@ def test_layerskip_on_other_architectures(name):
     ids = torch.randint(0, 96, (20,)).tolist()
     ref = greedy(model, ids, 60)  # 60 > the gemma3 window: sliding caches trim past it
     ranking = torch.randperm(96)[:48]
-    for proposer in (LayerSkipProposer(model, 2), LayerSkipProposer(model, 1, frspec_ids=ranking)):
+    # a tree draft falls back to its chain on targets that cannot verify trees (windows, Mamba)
+    tree = LayerSkipProposer(model, 1, branches=(2, 2))
+    for proposer in (LayerSkipProposer(model, 2), LayerSkipProposer(model, 1, frspec_ids=ranking), tree):
         out, stats = speculate(model, ids, proposer, 60, num_draft=3, adaptive=False)
         assert out == ref and stats.num_proposed > 0
 
@@ -258,6 +327,8 @@ SMOL_PROPOSERS = {
     "ngram": lambda m, fr: NgramProposer(n_max=3),
     "draft": lambda m, fr: DraftModelProposer(m),  # the target as its own draft: all accepted
     "layerskip": lambda m, fr: LayerSkipProposer(m, 4),  # few layers: cheap, often rejected
+    "tree-layerskip": lambda m, fr: LayerSkipProposer(m, 4, branches=(3, 2)),
+    "ngram-trie": lambda m, fr: NgramProposer(n_max=3, branches=4),
     "frspec-layerskip": lambda m, fr: LayerSkipProposer(m, 4, frspec_ids=fr[8192]),
 }
 _smol_reference = {}
@@ -319,7 +390,10 @@ class BigramLM(nn.Module):
     def make_cache(self) -> list:
         return [KVCache()]
 
-    def forward(self, tokens: torch.Tensor, cache=None, num_logits: int | None = None) -> torch.Tensor:
+    def supports_tree(self, cache) -> bool:
+        return True  # logits depend on the token alone, wherever it sits in a tree
+
+    def forward(self, tokens: torch.Tensor, cache=None, num_logits: int | None = None, tree=None) -> torch.Tensor:
         tokens = tokens.reshape(1, -1)
         if cache:
             cache[0].offset += tokens.shape[1]  # only positions matter for rollback here
@@ -352,6 +426,13 @@ SAMPLING_CASES = {
         SamplingParams(1.0),
     ),
     "temperature-top-k": (lambda d: DraftModelProposer(d), SamplingParams(0.7, top_k=4)),
+    # trees: a drawn chain child first, then point-mass runners-up; n-gram tries (point masses)
+    "tree-draft": (lambda d: DraftModelProposer(d, branches=(3, 2)), SamplingParams(1.0)),
+    "tree-frspec": (
+        lambda d: DraftModelProposer(d, frspec_ids=torch.tensor([0, 2, 3, 5]), branches=(2, 2)),
+        SamplingParams(1.0),
+    ),
+    "ngram-trie": (lambda d: NgramProposer(n_max=2, branches=3), SamplingParams(0.7, top_k=4)),
 }
 
 

@@ -54,6 +54,16 @@ class KVCache:
         self.offset -= n
         return n
 
+    def keep(self, start: int, kept: list[int]) -> None:
+        """After a tree verify wrote nodes to slots [start, offset): keep the slots start + kept[j]
+        (ascending: an accepted path) at start + j and drop the rest."""
+        src = torch.tensor(kept, dtype=torch.long) + start
+        dst = start + len(kept)
+        if self.keys is not None and kept != list(range(len(kept))):
+            self.keys[:, :, start:dst] = self.keys[:, :, src]
+            self.values[:, :, start:dst] = self.values[:, :, src]
+        self.offset = dst
+
     def snapshot(self) -> int:
         return self.offset
 

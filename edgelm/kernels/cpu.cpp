@@ -172,10 +172,16 @@ void with_head_dim(int64_t D, F&& f) {
 }
 
 // One query head over S keys/values (rows `stride` floats apart): o = softmax(q K^T * scale) V.
+// A tree verify passes `visible` (S - first bytes): which of the keys from `first` on the query sees.
 template <int DV>
 void attend_head(const float* q, const float* Kb, const float* Vb, int64_t kstride, int64_t vstride, int64_t S,
-                 int64_t D, float scale, float* sc, float* o) {
+                 int64_t D, float scale, float* sc, float* o, const uint8_t* visible = nullptr, int64_t first = 0) {
   key_scores<DV>(q, Kb, kstride, S, D, scale, sc);
+  if (visible != nullptr) {
+    for (int64_t s = first; s < S; ++s) {
+      if (!visible[s - first]) sc[s] = -INFINITY;
+    }
+  }
   const float inv = 1.f / softmax_numerators(sc, S);
   std::fill(o, o + D, 0.f);
   accumulate_values<DV>(sc, Vb, vstride, S, D, o);
@@ -818,8 +824,12 @@ class LlamaDecoder {
   // rope_scale their cos/sin factor (YaRN/LongRoPE); offsets (B,) each row's cached length.
   // kernels: with sparse attention, each layer's mean-pooled key kernels (B, Hkv, capacity, D)
   // holding those of the keys before offsets[b]; the ones completed by this call's keys are added.
+  // tree (L,) int64, for one row: each new token's parent among the new tokens (-1: the cached
+  // ones; parents first). Token i is written to slot offsets[0] + i but sits at position
+  // offsets[0] + depth(i), and sees the cached keys, its ancestors and itself (a draft tree's verify).
   at::Tensor forward(at::Tensor x, at::Tensor inv_freq, double rope_scale, at::Tensor offsets, int64_t L,
-                     std::vector<at::Tensor> keys, std::vector<at::Tensor> values, std::vector<at::Tensor> kernels) {
+                     std::vector<at::Tensor> keys, std::vector<at::Tensor> values, std::vector<at::Tensor> kernels,
+                     std::optional<at::Tensor> tree) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == hidden_, "x must be (B*L, hidden) fp32");
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one key and value buffer per layer");
     TORCH_CHECK(sparse_.block == 0 || kernels.size() == layers_.size(), "sparse attention needs one kernel buffer per layer");
@@ -829,9 +839,24 @@ class LlamaDecoder {
     auto off = offsets.to(at::kLong).contiguous();
     auto inv = inv_freq.to(at::kFloat).contiguous();
     TORCH_CHECK(inv.numel() == half, "inv_freq must hold rope_dim / 2 frequencies");
+    std::vector<int64_t> depth(T);  // position - offset of each token: t % L, or its depth in the tree
+    for (int64_t t = 0; t < T; ++t) depth[t] = t % L;
+    std::vector<uint8_t> visible;  // a tree verify's (L, L) ancestor mask; empty otherwise
+    if (tree.has_value()) {
+      auto parents = tree->to(at::kLong).contiguous();
+      TORCH_CHECK(B == 1 && parents.numel() == L && sparse_.block == 0, "a tree verify takes one row of L tokens, dense attention");
+      visible.assign(L * L, 0);  // (L, L): [i, j] when j is i or an ancestor of i
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t p = parents.data_ptr<int64_t>()[i];
+        TORCH_CHECK(p >= -1 && p < i, "tree parents must come before their children");
+        depth[i] = p < 0 ? 0 : depth[p] + 1;
+        if (p >= 0) std::memcpy(&visible[i * L], &visible[p * L], L);
+        visible[i * L + i] = 1;
+      }
+    }
     std::vector<float> cs(T * half), sn(T * half);  // the angle of pair j at each token's position
     for (int64_t t = 0; t < T; ++t) {
-      const float pos = static_cast<float>(off.data_ptr<int64_t>()[t / L] + t % L);
+      const float pos = static_cast<float>(off.data_ptr<int64_t>()[t / L] + depth[t]);
       for (int64_t j = 0; j < half; ++j) {
         const float a = pos * inv.data_ptr<float>()[j];  // fp32, as RoPE.forward computes it
         cs[t * half + j] = std::cos(a) * static_cast<float>(rope_scale);
@@ -843,7 +868,7 @@ class LlamaDecoder {
       std::lock_guard<std::mutex> lock(mutex_);  // scratch buffers are per decoder: one call at a time
       for (size_t i = 0; i < layers_.size(); ++i) {
         layer(layers_[i], h.data_ptr<float>(), T, L, off.data_ptr<int64_t>(), cs.data(), sn.data(), keys[i], values[i],
-              sparse_.block ? &kernels[i] : nullptr);
+              sparse_.block ? &kernels[i] : nullptr, visible.empty() ? nullptr : visible.data());
       }
       rmsnorm(h.data_ptr<float>(), final_norm_.data_ptr<float>(), eps_, h.data_ptr<float>(), T, hidden_);
     }
@@ -885,7 +910,7 @@ class LlamaDecoder {
   }
 
   void layer(const Layer& ly, float* h, int64_t T, int64_t L, const int64_t* off, const float* cs, const float* sn,
-             at::Tensor& keys, at::Tensor& values, at::Tensor* kern) {
+             at::Tensor& keys, at::Tensor& values, at::Tensor* kern, const uint8_t* visible) {
     const int64_t n = hidden_, qd = H_ * D_, kvd = Hkv_ * D_, inter = ly.down.K;
     xn_.resize(T * std::max(n, inter));
     qkv_.resize(T * ly.qkv.N);
@@ -935,7 +960,7 @@ class LlamaDecoder {
           }
         });
       });
-    } else if (longest * D_ * 8 <= g_group_attention_bytes) {
+    } else if (visible != nullptr || longest * D_ * 8 <= g_group_attention_bytes) {  // trees: always here
       at::parallel_for(0, T * H_, 1, [&](int64_t i0, int64_t i1) {
         std::vector<float> sc;
         for (int64_t i = i0; i < i1; ++i) {
@@ -944,8 +969,11 @@ class LlamaDecoder {
           const float* Kb = K + b * ks0 + g * ks1;
           const float* Vb = V + b * vs0 + g * vs1;
           float* o = att_.data() + t * qd + hh * D_;
+          const uint8_t* seen = visible == nullptr ? nullptr : visible + (t % L) * L;
           sc.resize(S);
-          with_head_dim(D_, [&](auto dv) { attend_head<decltype(dv)::value>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o); });
+          with_head_dim(D_, [&](auto dv) {
+            attend_head<decltype(dv)::value>(q, Kb, Vb, ks2, vs2, S, D_, sc_scale, sc.data(), o, seen, off[b]);
+          });
         }
       });
     } else {
@@ -1031,7 +1059,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           double, double>())
       .def("forward", &LlamaDecoder::forward, pybind11::arg("x"), pybind11::arg("inv_freq"), pybind11::arg("rope_scale"),
            pybind11::arg("offsets"), pybind11::arg("L"), pybind11::arg("keys"), pybind11::arg("values"),
-           pybind11::arg("kernels") = std::vector<at::Tensor>())
+           pybind11::arg("kernels") = std::vector<at::Tensor>(), pybind11::arg("tree") = std::nullopt)
       .def("take_attention_seconds", &LlamaDecoder::take_attention_seconds, "attention wall time since the last call")
       .def("set_sparse", &LlamaDecoder::set_sparse, "InfLLM v2 settings (block, kernel, stride, init, window, topk, dense_len)");
   m.attr("few_rows") = kFewRows;  // dense fp32 rows up to which Linear runs f32_rows, not MKL

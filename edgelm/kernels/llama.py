@@ -5,7 +5,8 @@ a forward feeds few new tokens (decode, batched decode, speculative verify, shor
 B * L <= MAX_ROWS), without autograd, on a model whose pieces it knows: fused qkv and gate/up
 projections, SiLU, plain RMSNorm, rotary or no position embedding, dense fp32 / int4 ("blocks"
 layout) / int8 linears, full attention over a KV cache it can write into, or InfLLM v2 sparse
-attention over a SparseKVCache (block selection and attention over the chosen blocks in C++).
+attention over a SparseKVCache (block selection and attention over the chosen blocks in C++), and
+a speculative draft tree's verify (`ForwardContext.tree`: tree positions and an ancestor mask).
 Anything else (sliding windows, q/k norms, left padding, bf16 caches, ...) returns None and the
 module path runs.
 
@@ -191,7 +192,7 @@ def hidden_states(model, tokens: torch.Tensor, cache, ctx):
         h = h * model.config.embedding_multiplier
     rope = attn.rope
     inv_freq, scale = (rope._inv_freq_for(ctx.positions), rope.scale) if rope is not None else (_NO_ROPE, 1.0)
-    out = decoder.forward(h.reshape(B * L, -1), inv_freq, scale, offsets, L, keys, values, kernel_buffers)
+    out = decoder.forward(h.reshape(B * L, -1), inv_freq, scale, offsets, L, keys, values, kernel_buffers, ctx.tree)
     if commit is not None:
         commit()
     return out.view(B, L, -1)

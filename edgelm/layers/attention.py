@@ -28,6 +28,10 @@ class ForwardContext:
     # (B,) tokens already cached per row, when rows differ (the batched engine's slots). Row b's
     # keys sit at buffer positions [0, row_offsets[b] + L); `offset` is then the largest row's.
     row_offsets: torch.Tensor | None = None
+    # (L,) parent of each new token among the new tokens (-1: a root, child of the cached ones),
+    # for a speculative tree verify (B = 1): token i sits at position offset + depth(i) and sees
+    # the cached keys, its ancestors and itself. Parents precede their children.
+    tree: torch.Tensor | None = None
 
     @classmethod
     def make(
@@ -36,8 +40,13 @@ class ForwardContext:
         offset: int,
         left_pad: torch.Tensor | None,
         row_offsets: torch.Tensor | None = None,
+        tree: torch.Tensor | None = None,
     ) -> "ForwardContext":
         B, L = tokens.shape
+        if tree is not None:
+            if B != 1 or left_pad is not None or row_offsets is not None or tree.numel() != L:
+                raise ValueError("a tree verify takes one unpadded row with one parent per new token")
+            return cls(offset, L, None, (offset + tree_depths(tree))[None], tree=tree)
         if row_offsets is not None:
             return cls(offset, L, None, row_offsets[:, None] + torch.arange(L), row_offsets=row_offsets)
         pos = torch.arange(offset, offset + L).expand(B, L)
@@ -62,6 +71,8 @@ class ForwardContext:
         return self._memo[key]
 
     def _make_mask(self, key_start: int, num_keys: int, window: int | None):
+        if self.tree is not None:
+            return self._make_tree_mask(key_start, num_keys, window)
         if self.row_offsets is not None:
             return self._make_row_mask(key_start, num_keys, window)
         L, q0 = self.length, self.offset
@@ -92,6 +103,40 @@ class ForwardContext:
         if window is not None:  # sliding window by masking only: the slot keeps every key
             allowed = allowed & (q - k < window)
         return allowed[:, None]
+
+
+    def _make_tree_mask(self, key_start: int, num_keys: int, window: int | None) -> torch.Tensor:
+        """(1, 1, L, S): every cached key (within the window, by tree position) and the token's
+        ancestors among the new ones (they sit at slots offset .. offset + L - 1)."""
+        q = self.positions[0][:, None]  # (L, 1) tree positions
+        slots = torch.arange(key_start, key_start + num_keys)  # (S,)
+        allowed = (slots < self.offset).expand(self.length, num_keys).clone()
+        new = slots >= self.offset
+        allowed[:, new] = tree_ancestors(self.tree)[:, slots[new] - self.offset]
+        if window is not None:
+            pos = torch.where(new, self.positions[0][(slots - self.offset).clamp(0, self.length - 1)], slots)
+            allowed &= q - pos < window
+        return allowed[None, None]
+
+
+def tree_depths(parents: torch.Tensor) -> torch.Tensor:
+    """(L,) parents (-1 = root, parents before children) -> (L,) depth of each node (roots 0)."""
+    depth = [0] * parents.numel()
+    for i, p in enumerate(parents.tolist()):
+        if not -1 <= p < i:
+            raise ValueError(f"tree node {i} has parent {p}; parents must come before their children")
+        depth[i] = 0 if p < 0 else depth[p] + 1
+    return torch.tensor(depth, dtype=torch.long)
+
+
+def tree_ancestors(parents: torch.Tensor) -> torch.Tensor:
+    """(L,) parents -> (L, L) bool: [i, j] when node j is node i or one of its ancestors."""
+    L = parents.numel()
+    anc = torch.eye(L, dtype=torch.bool)
+    for i, p in enumerate(parents.tolist()):
+        if p >= 0:
+            anc[i] |= anc[p]
+    return anc
 
 
 def attend(q, k, v, mask, scale: float, softcap: float | None = None) -> torch.Tensor:

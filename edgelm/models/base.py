@@ -108,6 +108,18 @@ class CausalLM(nn.Module):
             attn.sparse = executor
         return self
 
+    def supports_tree(self, cache: list | None) -> bool:
+        """Whether a tree verify is exact: every layer is attention that reads positions and masks
+        from the forward context, dense (no block-sparse selection), over a plain KV cache whose
+        slots can be compacted after the accepted path is known."""
+        from edgelm.layers.attention import Attention
+
+        for layer in self.layers:
+            attn = getattr(layer, "self_attn", None)
+            if type(attn) is not Attention or attn.sparse is not None:
+                return False
+        return bool(cache) and all(type(c) is KVCache for c in cache)
+
     def make_cache(self, left_pad=None, max_size: int | None = None) -> list:
         """One cache per layer. `left_pad` (B,) gives each row's left padding for batched prompts."""
         lp = None if left_pad is None else torch.as_tensor(left_pad, dtype=torch.long).reshape(-1)
@@ -124,12 +136,18 @@ class CausalLM(nn.Module):
         return caches
 
     def forward(
-        self, tokens: torch.Tensor, cache: list | None = None, left_pad=None, num_logits: int | None = None
+        self,
+        tokens: torch.Tensor,
+        cache: list | None = None,
+        left_pad=None,
+        num_logits: int | None = None,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, L) LongTensor -> logits (B, L, vocab) float32.
 
         `num_logits` keeps only the last N positions' logits: prefill needs one, and the LM head is
-        ~20% of prefill compute for a 49K vocabulary.
+        ~20% of prefill compute for a 49K vocabulary. `tree` (L,) parent ids make the L tokens a
+        speculative draft tree (see `ForwardContext.tree`; only `supports_tree` models).
         """
         if tokens.dim() == 1:
             tokens = tokens[None]
@@ -138,7 +156,9 @@ class CausalLM(nn.Module):
         offset = cache[0].offset if cache else 0
         lp = cache[0].left_pad if cache else None
         row_offsets = getattr(cache[0], "row_offsets", None) if cache else None  # batched engine
-        ctx = ForwardContext.make(tokens, offset, lp, row_offsets)
+        if tree is not None and not self.supports_tree(cache):
+            raise ValueError(f"{type(self).__name__} with these caches cannot verify a draft tree")
+        ctx = ForwardContext.make(tokens, offset, lp, row_offsets, tree)
         h = self.hidden_states(tokens, cache, ctx)
         if num_logits is not None:
             h = h[:, -num_logits:]

@@ -16,6 +16,16 @@ A deterministic proposer (n-gram) is the point mass q = δ_x: accept with probab
 residual is p with x removed. FR-Spec drafts over V_high only, so q = 0 outside it: those tokens
 can only come from the residual, and nothing else changes. Greedy decoding is the limit
 p = δ_argmax: accept while x_i == argmax p_i, then emit argmax p_{n+1}.
+
+A draft tree gives a node several children. `accept_tree` walks down from the root trying a
+node's children in order against the current target distribution r (p at first): child x with
+draft distribution q is kept with probability min(1, r(x)/q(x)), otherwise r becomes
+norm(max(r − q, 0)) and the next child is tried; with no child left it emits a token from r. Each
+try is the rule above with r as its target, so the emitted token follows r, hence p, exactly
+(SpecInfer, Miao et al. 2024, multi-step speculative sampling). This needs every child but the
+first to be a point mass fixed before verification (top tokens, n-gram continuations): only the
+first child may be drawn from q, since a later child's acceptance must not depend on earlier
+tries. The proposers build trees that way.
 """
 
 from collections.abc import Sequence
@@ -96,3 +106,46 @@ def match_width(q: torch.Tensor, width: int) -> torch.Tensor:
         return q
     assert q.shape[-1] < width, "draft vocabulary wider than the target's (bind() should refuse it)"
     return torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+
+
+def accept_tree(
+    tokens: Sequence[int],
+    parents: Sequence[int],
+    q: torch.Tensor | None,
+    p: torch.Tensor,
+    sampling: SamplingParams,
+) -> tuple[list[int], int]:
+    """A draft tree's acceptance (see the module docstring).
+
+    tokens/parents (n,) the nodes (parent -1: a child of the root, the last accepted token;
+    parents first); q (n, V) the distribution each node was drawn from (a one-hot row for a point
+    mass) or None for all point masses; p (n + 1, V) target distributions (row 0 the root's, row
+    1 + i node i's), or for greedy the target logits -> (accepted node ids from the root down, the
+    token emitted after them).
+    """
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    path, node = [], -1
+    while True:
+        row = p[node + 1]
+        if sampling.is_greedy:
+            target = int(row.argmax())
+            node = next((c for c in children.get(node, []) if tokens[c] == target), None)
+            if node is None:
+                return path, target
+            path.append(node)
+            continue
+        r, kept = row, None
+        for c in children.get(node, []):
+            x = tokens[c]
+            qx = 1.0 if q is None else float(q[c, x])
+            if sampling.uniform() * qx < float(r[x]):  # u < r(x)/q(x)
+                kept = c
+                break
+            qc = torch.zeros_like(r).index_fill_(0, torch.tensor([x]), 1.0) if q is None else q[c]
+            r = residual(r, qc)
+        if kept is None:
+            return path, sampling.draw(r)
+        path.append(kept)
+        node = kept

@@ -13,7 +13,13 @@ import torch
 
 from edgelm.generate import PREFILL_CHUNK, check_prompt, prefill
 from edgelm.sampling import LogitsProcessor
-from edgelm.speculative.acceptance import SamplingParams, accept_greedy, accept_sampled, match_width
+from edgelm.speculative.acceptance import (
+    SamplingParams,
+    accept_greedy,
+    accept_sampled,
+    accept_tree,
+    match_width,
+)
 from edgelm.speculative.proposers import Draft, Proposer, is_trimmable
 
 
@@ -115,12 +121,20 @@ def speculative_generate_step(
     while emitted < budget:
         k = min(lengths.next(), budget - emitted - 1)  # never pass the budget
         draft = proposer.propose(history, k, sampling) if k > 0 else Draft([])
-        n, rows, token = verify(model, cache, history, draft, sampling, logits_processors)
-        proposer.accept(n)
+        if draft.parents is not None and not can_verify_tree(model, cache):
+            draft = draft.chain()  # this target verifies chains only: keep the first-child path
+        if draft.parents is None:
+            n, rows, token = verify(model, cache, history, draft, sampling, logits_processors)
+            kept, on_chain = draft.tokens[:n], n
+        else:
+            path, rows, token = verify_tree(model, cache, history, draft, sampling, logits_processors)
+            kept, on_chain = [draft.tokens[i] for i in path], chain_length(path)
+        n = len(kept)
+        proposer.accept(on_chain)
         if draft.tokens:
-            lengths.update(len(draft.tokens), n)
+            lengths.update(draft.depth, n)
         stats.record(len(draft.tokens), n)
-        for t, row in zip([*draft.tokens[:n], token], rows):
+        for t, row in zip([*kept, token], rows):
             history.append(t)
             emitted += 1
             stats.num_tokens += 1
@@ -142,6 +156,40 @@ def verify(model, cache: list, history: list[int], draft: Draft, sampling: Sampl
         n, token = accept_sampled(draft.tokens, q, sampling.probs(logits), sampling)
     rollback(model, cache, snapshots, k - n, history[-1:] + draft.tokens[:n])
     return n, logits[: n + 1], token
+
+
+def verify_tree(model, cache: list, history: list[int], draft: Draft, sampling: SamplingParams, processors):
+    """One target forward over [last token] + the draft tree's nodes (tree positions and an
+    ancestor mask) -> (accepted node ids from the root down, their logits rows (n+1, V) with the
+    root's first, the target's token after them); the cache ends holding history + that path."""
+    start = cache[0].offset
+    tree = torch.tensor([-1] + [p + 1 for p in draft.parents])  # node i is verify row i + 1
+    logits = model(torch.tensor([history[-1:] + draft.tokens]), cache, tree=tree)[0]  # (n+1, V)
+    if processors:  # row j as plain decoding would see it: after history + the path to its node
+        paths = [[]] + [draft.path_tokens(i) for i in range(len(draft.tokens))]
+        logits = torch.cat([process(history + path, [], logits[j : j + 1], processors) for j, path in enumerate(paths)])
+    if sampling.is_greedy:
+        path, token = accept_tree(draft.tokens, draft.parents, None, logits, sampling)
+    else:
+        q = None if draft.probs is None else match_width(draft.probs, logits.shape[-1])
+        path, token = accept_tree(draft.tokens, draft.parents, q, sampling.probs(logits), sampling)
+    rows = [0] + [i + 1 for i in path]
+    for c in cache:
+        c.keep(start, rows)
+    return path, logits[rows], token
+
+
+def can_verify_tree(model, cache: list) -> bool:
+    supports = getattr(model, "supports_tree", None)
+    return supports is not None and supports(cache)
+
+
+def chain_length(path: list[int]) -> int:
+    """How many accepted nodes lie on the draft's first-child chain (nodes 0, 1, 2, ...)."""
+    n = 0
+    while n < len(path) and path[n] == n:
+        n += 1
+    return n
 
 
 def rollback(model, cache: list, snapshots: list | None, num_drop: int, kept: list[int]) -> None:

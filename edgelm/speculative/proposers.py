@@ -11,6 +11,10 @@ adaptive draft length uses.
 - `LayerSkipProposer(model, num_layers)`: the target's first layers + its final norm + LM head.
 - `NgramProposer(n_max)`: prompt lookup, copying what followed the last n tokens earlier on.
 Model proposers take `frspec_ids` (FR-Spec): draft only over those LM-head rows.
+
+Tree drafting: model proposers take `branches` (top-b tokens per depth: the runners-up become
+leaves beside the chain) and `NgramProposer` takes `branches` (several distinct continuations
+merged into a trie); the target verifies the whole tree in one forward with an ancestor mask.
 """
 
 from collections.abc import Sequence
@@ -29,8 +33,37 @@ PROBE_TEXTS = ("Hello, world! 123", "def f(x):\n    return x * 2", " The quick b
 
 @dataclass
 class Draft:
-    tokens: list[int]  # up to k proposed ids (possibly none)
+    """A chain d_1..d_k, or a tree when `parents` is set: node i's parent is node parents[i] (-1: the
+    last context token). A tree lists its first-child chain first (nodes 0..depth-1, the path a
+    chain-only target verifies), and only a first child may be drawn from its q row: the others
+    are point masses (one-hot rows), see `acceptance.accept_tree`."""
+
+    tokens: list[int]  # up to k proposed ids (possibly none); a tree's nodes
     probs: torch.Tensor | None = None  # (len(tokens), V) draft distributions q; None = point masses
+    parents: list[int] | None = None  # None: a chain
+
+    @property
+    def depth(self) -> int:
+        """The first-child chain's length (len(tokens) for a chain)."""
+        if self.parents is None:
+            return len(self.tokens)
+        n = 0
+        while n < len(self.parents) and self.parents[n] == n - 1:
+            n += 1
+        return n
+
+    def chain(self) -> "Draft":
+        """The first-child chain alone, as a chain draft."""
+        n = self.depth
+        return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n])
+
+    def path_tokens(self, i: int) -> list[int]:
+        """The tokens from the root's first child down to node i."""
+        path = []
+        while i >= 0:
+            path.append(self.tokens[i])
+            i = self.parents[i]
+        return path[::-1]
 
 
 class Proposer:
@@ -54,20 +87,44 @@ class NgramProposer(Proposer):
     """Prompt-lookup decoding: find the most recent earlier occurrence of the context's last n
     tokens (n from n_max down to n_min) and propose the k tokens that followed it."""
 
-    def __init__(self, n_max: int = 3, n_min: int = 1):
+    def __init__(self, n_max: int = 3, n_min: int = 1, branches: int = 1):
         if not 1 <= n_min <= n_max:
             raise ValueError(f"need 1 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
-        self.n_max, self.n_min = n_max, n_min
+        if branches < 1:
+            raise ValueError(f"branches must be >= 1, got {branches}")
+        self.n_max, self.n_min, self.branches = n_max, n_min, branches
 
     def propose(self, context, k, sampling=None) -> Draft:
+        """The continuation of the most recent longest match; with `branches` > 1, a tree (a trie)
+        of up to that many distinct continuations, longer matches and more recent ones first."""
         ctx = torch.as_tensor(context, dtype=torch.long).reshape(-1)
+        found: list[list[int]] = []
         for n in range(min(self.n_max, ctx.numel() - 1), self.n_min - 1, -1):
             windows = ctx[:-1].unfold(0, n, 1)  # (L-n, n): every earlier n-gram, ending before the last token
-            hits = (windows == ctx[-n:]).all(-1).nonzero()
-            if hits.numel():
-                start = int(hits[-1]) + n
-                return Draft(ctx[start : start + k].tolist())
-        return Draft([])
+            for hit in (windows == ctx[-n:]).all(-1).nonzero().flatten().flip(0).tolist():
+                cont = ctx[hit + n : hit + n + k].tolist()
+                if cont and cont not in found:
+                    found.append(cont)
+                if len(found) == self.branches:
+                    return trie(found)
+        return trie(found)
+
+
+def trie(sequences: list[list[int]]) -> Draft:
+    """Token sequences (continuations of the same context) merged into a draft tree; the first
+    sequence is the first-child chain. One sequence is a chain draft."""
+    if len(sequences) <= 1:
+        return Draft(sequences[0] if sequences else [])
+    tokens, parents, index = [], [], {}  # index: (parent node, token) -> node
+    for seq in sequences:
+        node = -1
+        for t in seq:
+            if (node, t) not in index:
+                index[node, t] = len(tokens)
+                tokens.append(t)
+                parents.append(node)
+            node = index[node, t]
+    return Draft(tokens, None, parents)
 
 
 class ModelProposer(Proposer):
@@ -75,7 +132,18 @@ class ModelProposer(Proposer):
     each `propose` feeds only the tokens the cache lacks, and `accept` drops the rejected drafts
     (trimming a KV cache; restoring a snapshot and re-feeding for a state that cannot trim)."""
 
-    def __init__(self, model: nn.Module, frspec_ids: torch.Tensor | None = None, cost: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        frspec_ids: torch.Tensor | None = None,
+        cost: float | None = None,
+        branches: Sequence[int] = (),
+    ):
+        if any(b < 1 for b in branches):
+            raise ValueError(f"branches must be >= 1 per depth, got {list(branches)}")
+        # Tree drafting: at depth i the draft's top branches[i] tokens, its own pick (the chain,
+        # fed on) and branches[i] - 1 runners-up as leaves that the target verifies alongside.
+        self.branches = tuple(branches)
         self.fixed_cost = cost  # None: estimate from weight bytes in bind()
         self.vocab_width = vocab_rows(model)  # q's width: the draft's full vocabulary
         self.model = model if frspec_ids is None else restrict_lm_head(model, frspec_ids)
@@ -98,15 +166,28 @@ class ModelProposer(Proposer):
         context = context.reshape(-1).tolist() if isinstance(context, torch.Tensor) else list(context)
         logits = self._sync(context)
         self.snapshots = None if is_trimmable(self.cache) else [c.snapshot() for c in self.cache]
-        tokens, probs = [], []
+        tokens, probs, leaves = [], [], []  # leaves: (parent node, token)
         for i in range(k):
             token, q = self._pick(logits, sampling)
             tokens.append(token)
             probs.append(q)
+            if i < len(self.branches) and self.branches[i] > 1:
+                leaves += [(i - 1, t) for t in self._runners_up(logits, token, self.branches[i] - 1)]
             if i < k - 1:  # the last draft token is fed next time, with the target's token after it
                 logits = self._feed([token])
         self.fed = tokens[:-1]
-        return Draft(tokens, None if sampling is None or sampling.is_greedy else torch.stack(probs))
+        greedy = sampling is None or sampling.is_greedy
+        if not leaves:
+            return Draft(tokens, None if greedy else torch.stack(probs))
+        if not greedy:  # leaves are point masses (one-hot q rows)
+            probs += [probs[0].new_zeros(self.vocab_width).index_fill_(0, torch.tensor([t]), 1.0) for _, t in leaves]
+        parents = list(range(-1, k - 1)) + [p for p, _ in leaves]
+        return Draft(tokens + [t for _, t in leaves], None if greedy else torch.stack(probs), parents)
+
+    def _runners_up(self, logits: torch.Tensor, token: int, m: int) -> list[int]:
+        """The m highest-scoring ids of (V_draft,) logits other than `token` (real ids)."""
+        top = [self._token(j) for j in logits.topk(min(m + 1, logits.numel())).indices.tolist()]
+        return [t for t in top if t != token][:m]
 
     @torch.inference_mode()
     def accept(self, num_accepted: int) -> None:
@@ -180,8 +261,9 @@ class LayerSkipProposer(ModelProposer):
         num_layers: int,
         frspec_ids: torch.Tensor | None = None,
         cost: float | None = None,
+        branches: Sequence[int] = (),
     ):
-        super().__init__(first_layers(model, num_layers), frspec_ids, cost)
+        super().__init__(first_layers(model, num_layers), frspec_ids, cost, branches)
 
 
 def first_layers(model: nn.Module, num_layers: int) -> nn.Module:
