@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from edgelm.quant.linear import QUANTIZED_LINEARS, QuantizedEmbedding
+from edgelm.layers.moe import ExpertWeights
+from edgelm.quant.linear import QUANTIZED_LINEARS, QuantizedEmbedding, QuantizedExperts
 from edgelm.quant.quantize import set_module
 
 # model_type -> transformers class, for config.json "architectures"
@@ -81,7 +82,14 @@ def save_quantized(model: nn.Module, out: str | Path) -> Path:
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Replace every quantized module by its dense reference (nn.Linear / nn.Embedding), in place."""
+    """Replace every quantized module by its dense reference (nn.Linear / nn.Embedding /
+    ExpertWeights), in place."""
+    for path, m in list(model.named_modules()):
+        if isinstance(m, QuantizedExperts):
+            with torch.device("meta"):
+                dense = ExpertWeights(m.num_experts, m.out_features, m.in_features)
+            dense.weight = nn.Parameter(m.dequantize(dtype), requires_grad=False)
+            set_module(model, path, dense)
     linears = {id(m): nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
                for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)}
     for path, m in list(model.named_modules()):

@@ -123,8 +123,13 @@ def assign_quantized_state(model: torch.nn.Module, weights: dict, dtype: torch.d
     """Load a saved quantized folder's tensors into the layout `restore_quantized_layout` rebuilt:
     quantized modules take their tensors as stored, dense parameters are cast to `dtype`."""
     quantized = set(model.config.quantization["modules"])
+
+    def in_quantized(name: str) -> bool:  # a quantized module's tensor, or one of its experts'
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in quantized for i in range(len(parts) - 1, 0, -1))
+
     state = {
-        name: t if name.rpartition(".")[0] in quantized or not t.is_floating_point() else t.to(dtype)
+        name: t if in_quantized(name) or not t.is_floating_point() else t.to(dtype)
         for name, t in weights.items()
     }
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in quantized:

@@ -56,8 +56,10 @@ def frspec_file(tmp_path_factory):
         ["--speculative", "self-quant", "--draft-quant", "int8"],
         ["--speculative", "draft", "--draft-model", STORIES, "--num-draft", "3"],
         ["--speculative", "self-quant", "--frspec", "FR", "--frspec-size", "64"],
+        ["--speculative", "self-quant", "--tree", "2,2"],
+        ["--speculative", "ngram", "--tree", "3"],
     ],
-    ids=["ngram", "layer-skip", "self-quant", "draft", "self-quant-frspec"],
+    ids=["ngram", "layer-skip", "self-quant", "draft", "self-quant-frspec", "self-quant-tree", "ngram-trie"],
 )
 def test_cli_generate_speculative_equals_plain(capsys, frspec_file, flags):
     flags = [str(frspec_file) if f == "FR" else f for f in flags]
@@ -81,6 +83,10 @@ def test_cli_stats_line_and_bad_flags(capsys):
     code, _, err = run_cli(capsys, "generate", "--model", STORIES, "--prompt", "x", "--speculative", "ngram",
                            "--num-draft", "0")
     assert code == 2 and "--num-draft must be positive" in err
+    for tree in ("0", "2,x"):
+        code, _, err = run_cli(capsys, "generate", "--model", STORIES, "--prompt", "x", "--speculative", "ngram",
+                               "--tree", tree)
+        assert code == 2 and "--tree takes positive integers" in err
 
 
 def test_cli_bench_reports_acceptance_and_speedup(capsys):
@@ -118,7 +124,7 @@ def test_quantized_target_is_lossless(stories, method):
     ref = greedy(target, ids, 64)
     assert ref != greedy(stories, ids, 64) or method == "int8"  # int4 really changes the model
     draft = self_quant_draft(stories, "int4")
-    for proposer in (NgramProposer(), DraftModelProposer(draft)):
+    for proposer in (NgramProposer(), DraftModelProposer(draft), DraftModelProposer(draft, branches=(2, 2))):
         out, stats = speculate(target, ids, proposer, 64)
         assert out == ref and stats.num_proposed > 0, type(proposer).__name__
 
@@ -136,6 +142,7 @@ def test_sparse_attention_target_is_lossless(stories):
     ref = greedy(sparse, ids, 32)
     with torch.inference_mode():  # the sparse path is really taken: logits differ from dense
         assert not torch.allclose(sparse(torch.tensor([ids]))[0, -1], stories(torch.tensor([ids]))[0, -1], atol=1e-3)
-    for proposer in (NgramProposer(), DraftModelProposer(stories)):  # the dense model drafts
+    tree = DraftModelProposer(stories, branches=(2, 2))  # verified as its chain: sparse layers take no trees
+    for proposer in (NgramProposer(), DraftModelProposer(stories), tree):  # the dense model drafts
         out, stats = speculate(sparse, ids, proposer, 32)
         assert out == ref and stats.num_proposed > 0, type(proposer).__name__

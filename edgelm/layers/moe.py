@@ -9,6 +9,11 @@ Shapes: T tokens (B·L flattened), E experts, k experts per token, I expert widt
 
 Tokens are grouped by expert (one sort), so each active expert runs one matmul over all of its
 tokens; `moe_reference` is the per-token loop it is tested against.
+
+Quantized (`quantize_model` int8/int4): `input_linear` / `output_linear` become
+`QuantizedExperts` (edgelm/quant/linear.py), one Int8Linear / Int4Linear per expert, and
+`grouped_experts` runs each active expert on its own int kernel; the reference is `moe_reference`
+over the dequantized stacks.
 """
 
 import torch
@@ -38,6 +43,19 @@ class ExpertWeights(nn.Module):
     def __init__(self, num_experts: int, out_features: int, in_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+    # the shape of one expert, as nn.Linear names it (quantize_model's shape checks and predicates)
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[2]
 
 
 class TopKRouter(nn.Module):
@@ -72,32 +90,59 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (T, hidden)
         weights, idx = self.router(flat)
-        out = grouped_experts(
-            flat, weights, idx, self.input_linear.weight, self.output_linear.weight, self.act
-        )
+        out = grouped_experts(flat, weights, idx, expert_stack(self.input_linear), expert_stack(self.output_linear), self.act)
         return out.view_as(x)
+
+
+def expert_stack(m: nn.Module):
+    """What `grouped_experts` takes: the (E, out, in) tensor of an ExpertWeights, or a quantized
+    experts module (QuantizedExperts) as it is."""
+    return m.weight if isinstance(m, ExpertWeights) else m
+
+
+def expert_linear(w, e: int, x: torch.Tensor) -> torch.Tensor:
+    """x (n, in) -> (n, out) through expert e: a stacked tensor's slice, or a quantized expert's own
+    module (its int kernel for few rows, its dequantized weight for many)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w[e])
+    return w.expert_forward(e, x)
 
 
 def grouped_experts(x, weights, idx, w_in, w_out, act) -> torch.Tensor:
     """x (T, hidden), weights/idx (T, k), w_in (E, 2I, hidden), w_out (E, hidden, I) -> (T, hidden).
+    w_in / w_out are stacked tensors or QuantizedExperts (`expert_linear`).
 
     The T·k (token, expert) pairs are sorted by expert, so expert e's tokens are one contiguous
-    block: one gather, one matmul pair per active expert, one scatter-add back."""
+    block: one gather, one matmul pair per active expert, one scatter-add back. One token (decode)
+    skips the sort: its k experts run in turn."""
+    if x.shape[0] == 1:
+        return single_token_experts(x, weights, idx, w_in, w_out, act)
     k = idx.shape[1]
     flat_idx = idx.reshape(-1)  # (T·k,)
     order = flat_idx.argsort(stable=True)
     token_of = order // k  # which token each sorted pair belongs to
-    counts = torch.bincount(flat_idx, minlength=w_in.shape[0]).tolist()
+    num_experts = w_in.shape[0] if isinstance(w_in, torch.Tensor) else w_in.num_experts
+    counts = torch.bincount(flat_idx, minlength=num_experts).tolist()
     xs = x[token_of]  # (T·k, hidden), grouped by expert
     ys = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts):
         if n:
-            gate, up = F.linear(xs[start : start + n], w_in[e]).chunk(2, dim=-1)
-            ys[start : start + n] = F.linear(act(gate) * up, w_out[e])
+            gate, up = expert_linear(w_in, e, xs[start : start + n]).chunk(2, dim=-1)
+            ys[start : start + n] = expert_linear(w_out, e, act(gate) * up)
             start += n
     ys = ys * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+def single_token_experts(x, weights, idx, w_in, w_out, act) -> torch.Tensor:
+    """`grouped_experts` for T = 1, the decode step: no sort, gather or scatter (their fixed cost
+    is most of a small expert's time), the k expert outputs summed in routing order."""
+    ys = []
+    for e in idx[0].tolist():
+        gate, up = expert_linear(w_in, e, x).chunk(2, dim=-1)
+        ys.append(expert_linear(w_out, e, act(gate) * up))
+    return weights @ torch.cat(ys)  # (1, k) @ (k, hidden)
 
 
 def moe_reference(x, weights, idx, w_in, w_out, act) -> torch.Tensor:

@@ -5,7 +5,14 @@
 """
 
 from edgelm.quant.gguf import module_for_gguf_tensor, repack_gguf_model
-from edgelm.quant.linear import Int4Linear, Int8Linear, QuantizedEmbedding, fuse_quantized, to_quantized
+from edgelm.quant.linear import (
+    Int4Linear,
+    Int8Linear,
+    QuantizedEmbedding,
+    QuantizedExperts,
+    fuse_quantized,
+    to_quantized,
+)
 from edgelm.quant.quantize import (
     can_quantize,
     is_default_target,
@@ -20,6 +27,7 @@ __all__ = [
     "Int4Linear",
     "Int8Linear",
     "QuantizedEmbedding",
+    "QuantizedExperts",
     "can_quantize",
     "fuse_quantized",
     "is_default_target",

@@ -23,6 +23,9 @@ torch's layout dequantizes slowly (~2 ms per 1M weights: its packed order needs 
 its higher threshold.
 """
 
+import operator
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -185,14 +188,18 @@ class Int4Linear(_QuantLinear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 32, symmetric: bool = False) -> "Int4Linear":
-        w = linear.weight.detach()
+        return cls.from_weight(linear.weight.detach(), linear.bias, group_size, symmetric)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, bias=None, group_size: int = 32, symmetric: bool = False) -> "Int4Linear":
+        """Quantize a float (N, K) weight, a chunk of rows at a time."""
         check_int4_shape(*w.shape, group_size)
         parts = [
             quantize_int4(w[i : i + QUANTIZE_CHUNK_ROWS], group_size, symmetric)
             for i in range(0, len(w), QUANTIZE_CHUNK_ROWS)
         ]
         q, scales, zeros = (torch.cat(p) for p in zip(*parts))
-        return cls.from_quantized(q, scales, zeros, group_size, linear.bias)
+        return cls.from_quantized(q, scales, zeros, group_size, bias)
 
     def kernel_handle(self):
         return self._edgelm_kernel(1, self.packed, self.block_sz) if self.layout == "blocks" else None
@@ -383,13 +390,93 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, tied={self.tied}"
 
 
+# QuantizedExperts -> {expert: (its buffers, (C++ handle, kernel module) or None)}; outside the
+# modules so that copy.deepcopy and pickling never see the handles (as kernels.linear_handle)
+_EXPERT_HANDLES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+class QuantizedExperts(nn.Module):
+    """A MoE's stacked expert weight (E, out, in) (`ExpertWeights`: `input_linear` or
+    `output_linear`) as one Int4Linear / Int8Linear per expert, same codes and group sizes as the
+    linears. `grouped_experts` runs each active expert's rows on that expert's own int kernel
+    (`self.experts[e](x)`; many rows dequantize that one expert only, the linears' prompt policy),
+    so the stack is never expanded to fp32. state_dict: `<name>.experts.<e>.qweight` (+ scales)
+    per expert, each in its linear's portable format; the layout entry is the linear's plus
+    "experts": E (quantize.py)."""
+
+    def __init__(self, experts: list[nn.Module]):
+        super().__init__()
+        def kind(m):
+            return type(m), m.out_features, m.in_features, getattr(m, "group_size", None)
+
+        first = experts[0]
+        if any(kind(m) != kind(first) for m in experts):
+            raise ValueError("QuantizedExperts: every expert must be the same kind, shape and group size")
+        self.experts = nn.ModuleList(experts)
+        self._list = tuple(experts)  # plain indexing for the decode path (ModuleList's is slower)
+        self.num_experts = len(experts)
+        self.out_features, self.in_features = first.out_features, first.in_features
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, method: str, group_size: int = 32, symmetric: bool = False):
+        """w (E, out, in) float -> one quantized module per expert."""
+        return cls([quantize_weight_module(w[e].detach(), method, group_size, symmetric) for e in range(len(w))])
+
+    @classmethod
+    def empty(cls, num_experts: int, out_features: int, in_features: int, bits: int, group_size: int = 32):
+        """Uninitialised experts (on the current default device, e.g. meta) for a saved layout."""
+        if bits == 4:
+            return cls([Int4Linear(in_features, out_features, False, group_size) for _ in range(num_experts)])
+        return cls([Int8Linear(in_features, out_features, False) for _ in range(num_experts)])
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's `forward` on x (rows, in): its int kernel for few rows, its dequantized
+        weight for many (the linears' policy). The kernel is called directly through a handle
+        cached per expert: an expert's matmul in decode is ~40 us, and nn.Module's call plus the
+        handle lookup of `Int*Linear.forward` added ~45 us more on the dev box."""
+        m = self._list[e]
+        if x.shape[0] >= m.dequant_min_rows:
+            return m(x)
+        entry = self._handle(e, m)
+        if entry is None:
+            y = m.kernel(x)
+        else:
+            y = entry[1].linear(entry[0], x if x.dtype == torch.float32 else x.float())
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _handle(self, e: int, m: nn.Module):
+        """(C++ handle, kernel module) of expert e, or None when edgelm's kernels do not run it.
+        Rebuilt when one of the expert's buffers is replaced (load_state_dict, .to())."""
+        cache = _EXPERT_HANDLES.get(self)
+        if cache is None:
+            cache = _EXPERT_HANDLES[self] = {}
+        buffers = tuple(m._buffers.values())
+        cached = cache.get(e)
+        if cached is None or len(cached[0]) != len(buffers) or not all(map(operator.is_, cached[0], buffers)):
+            handle = m.kernel_handle()
+            cached = cache[e] = (buffers, None if handle is None else (handle, kernels.ext()))
+        return cached[1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The reference stack (E, out, in): each expert's `dequantize()`."""
+        return torch.stack([m.dequantize(dtype) for m in self.experts])
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def quantize_weight_module(w: torch.Tensor, method: str, group_size: int = 32, symmetric: bool = False, bias=None):
+    """A float (N, K) weight -> its Int4Linear / Int8Linear for `method`."""
+    if method == "int4":
+        return Int4Linear.from_weight(w, bias, group_size, symmetric)
+    if method == "int8":
+        return Int8Linear.from_weight(w, bias)
+    raise ValueError(f"unknown quantization method {method!r}; use 'int4' or 'int8'")
+
+
 def to_quantized(linear: nn.Linear, method: str, group_size: int = 32, symmetric: bool = False) -> nn.Module:
     """The one swap contract: an nn.Linear -> its quantized replacement for `method`."""
-    if method == "int4":
-        return Int4Linear.from_float(linear, group_size, symmetric)
-    if method == "int8":
-        return Int8Linear.from_float(linear)
-    raise ValueError(f"unknown quantization method {method!r}; use 'int4' or 'int8'")
+    return quantize_weight_module(linear.weight.detach(), method, group_size, symmetric, linear.bias)
 
 
 def fuse_quantized(linears: list[nn.Module]) -> Int4Linear | Int8Linear | None:

@@ -6,14 +6,25 @@ The record:
     {"method": "int4" | "int8" | "gguf", "group_size": 32, "symmetric": False,
      "modules": {"model.layers.0.self_attn.q_proj": {"bits": 4, "group_size": 32},
                  "lm_head": {"bits": 8},
-                 "model.embed_tokens": {"tied_to": "lm_head"}, ...}}
-Per-module entries (not one global method) because GGUF files mix types per tensor.
+                 "model.embed_tokens": {"tied_to": "lm_head"},
+                 "model.layers.0.block_sparse_moe.input_linear": {"bits": 8, "experts": 32}, ...}}
+Per-module entries (not one global method) because GGUF files mix types per tensor. A MoE's
+stacked expert weight (`ExpertWeights`, (E, out, in)) is quantized per expert like a linear
+(`QuantizedExperts`); its entry is the linear's plus "experts": E.
 """
 
 import torch
 from torch import nn
 
-from edgelm.quant.linear import QUANTIZED_LINEARS, Int4Linear, Int8Linear, QuantizedEmbedding, to_quantized
+from edgelm.layers.moe import ExpertWeights
+from edgelm.quant.linear import (
+    QUANTIZED_LINEARS,
+    Int4Linear,
+    Int8Linear,
+    QuantizedEmbedding,
+    QuantizedExperts,
+    to_quantized,
+)
 from edgelm.quant.primitives import check_int4_shape, check_int8_shape
 from edgelm.quant.ternary import BitLinear
 
@@ -27,8 +38,9 @@ def is_default_target(path: str, module: nn.Module) -> bool:
     return path == "lm_head" or ".layers." in f".{path}"
 
 
-def check_quantizable(module: nn.Linear, method: str, group_size: int = 32) -> None:
-    """ValueError naming the shape when `method` cannot hold this linear's weight."""
+def check_quantizable(module: nn.Linear | ExpertWeights, method: str, group_size: int = 32) -> None:
+    """ValueError naming the shape when `method` cannot hold this linear's weight (for stacked
+    experts: one expert's weight)."""
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; use one of {METHODS}")
     if method == "int4":
@@ -68,9 +80,14 @@ def module_spec(module: nn.Module) -> dict:
 def quantization_layout(model: nn.Module) -> dict[str, dict]:
     """{path: entry} for every quantized module now in `model` (so it follows fusion too)."""
     paths = {id(m): p for p, m in model.named_modules()}
-    layout = {}
+    layout, stacks = {}, ()
     for path, m in model.named_modules():
-        if isinstance(m, RUNTIME_LINEARS):
+        if path.startswith(stacks):
+            continue  # an expert of a QuantizedExperts: its stack's entry names it
+        if isinstance(m, QuantizedExperts):
+            layout[path] = {**module_spec(m.experts[0]), "experts": m.num_experts}
+            stacks = (*stacks, path + ".")
+        elif isinstance(m, RUNTIME_LINEARS):
             layout[path] = module_spec(m)
         elif isinstance(m, QuantizedEmbedding):
             if m.tied and id(m.source) in paths:
@@ -113,7 +130,9 @@ def quantize_model(
     model: nn.Module, method: str = "int4", group_size: int = 32, symmetric: bool = False, predicate=None
 ) -> nn.Module:
     """Swap every nn.Linear for which `predicate(path, module)` holds (default: the decoder layers'
-    linears and the LM head) for an Int4Linear / Int8Linear, in place; returns the model.
+    linears and the LM head) for an Int4Linear / Int8Linear, in place; returns the model. A MoE's
+    stacked expert weights (`ExpertWeights`, also offered to `predicate`; they have nn.Linear's
+    in_features / out_features per expert) become a `QuantizedExperts` of the same format.
 
     A tied input embedding keeps working without an fp32 copy: it becomes a QuantizedEmbedding
     reading rows from the quantized LM head. Shapes are checked before anything is swapped.
@@ -121,7 +140,9 @@ def quantize_model(
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; use one of {METHODS}")
     predicate = predicate or is_default_target
-    targets = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear) and predicate(p, m)}
+    targets = {
+        p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, ExpertWeights)) and predicate(p, m)
+    }
     if not targets:
         name = type(model).__name__
         raise ValueError(f"quantize_model: no nn.Linear layer of {name} matched the predicate")
@@ -132,7 +153,11 @@ def quantize_model(
             raise ValueError(f"{path}: {e}") from None
     ties = tied_embeddings(model, targets)
     for path, m in targets.items():
-        set_module(model, path, to_quantized(m, method, group_size, symmetric))
+        if isinstance(m, ExpertWeights):
+            new = QuantizedExperts.from_float(m.weight, method, group_size, symmetric)
+        else:
+            new = to_quantized(m, method, group_size, symmetric)
+        set_module(model, path, new)
     tie_quantized_embeddings(model, ties)
     record_quantization(model, method, group_size, symmetric)
     return model
@@ -173,7 +198,14 @@ def restore_quantized_layout(model: nn.Module, quantization: dict) -> nn.Module:
 
 
 def _empty_module(old: nn.Module, spec: dict) -> nn.Module:
-    """An uninitialised quantized module shaped like `old` (an nn.Linear or nn.Embedding)."""
+    """An uninitialised quantized module shaped like `old` (an nn.Linear, nn.Embedding or
+    ExpertWeights)."""
+    if "experts" in spec:
+        E, N, K = old.weight.shape
+        if E != spec["experts"]:
+            raise ValueError(f"quantization layout has {spec['experts']} experts, the model {E}")
+        with torch.device(old.weight.device):
+            return QuantizedExperts.empty(E, N, K, spec["bits"], spec.get("group_size", 32))
     if spec.get("embedding"):
         N, K, has_bias = old.num_embeddings, old.embedding_dim, False
     else:

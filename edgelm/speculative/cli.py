@@ -2,7 +2,7 @@
 
     edgelm generate|bench ... --speculative {draft,self-quant,layer-skip,ngram}
                         [--draft-model PATH] [--draft-layers N] [--draft-quant int4|int8]
-                        [--num-draft K] [--frspec FILE [--frspec-size V]]
+                        [--num-draft K] [--frspec FILE [--frspec-size V]] [--tree B1,B2,...]
     edgelm frspec build --model PATH --text FILE --sizes 8192,16384,32768 --out FILE
 
 Only argparse is imported here; torch and the models load when a command runs.
@@ -35,6 +35,12 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--num-draft", type=int, default=4, help="most draft tokens per verify step (adaptive below it)"
     )
+    g.add_argument(
+        "--tree",
+        default=None,
+        help="tree drafting, verified in one forward: model drafts keep their top B1 tokens at depth 1, "
+        "B2 at depth 2, ... (e.g. 2,2); --speculative ngram merges up to B1 continuations into a trie",
+    )
     g.add_argument("--frspec", default=None, help="FR-Spec ranking file: model drafts score only its top ids")
     g.add_argument(
         "--frspec-size", type=int, default=None, help="which size in the FR-Spec file (default: largest)"
@@ -54,6 +60,23 @@ def check_speculative_args(args) -> None:
         raise ValueError("--frspec applies to model drafts: --speculative draft, self-quant or layer-skip")
     if args.frspec_size is not None and args.frspec is None:
         raise ValueError("--frspec-size needs --frspec FILE")
+    tree_branches(args)
+
+
+def tree_branches(args) -> tuple[int, ...]:
+    """--tree B1,B2,... as a tuple (empty: chain drafts); ValueError unless positive integers."""
+    tree = getattr(args, "tree", None)
+    if tree is None:
+        return ()
+    try:
+        branches = tuple(int(b) for b in str(tree).split(","))
+    except ValueError:
+        branches = ()
+    if not branches or any(b < 1 for b in branches):
+        raise ValueError(f"--tree takes positive integers such as 2,2 (top tokens per depth), got {tree!r}")
+    if args.speculative is None:
+        raise ValueError("--tree applies to --speculative drafting")
+    return branches
 
 
 def proposer_from_args(args, model):
@@ -64,13 +87,14 @@ def proposer_from_args(args, model):
     kind = args.speculative
     if kind is None:
         return None
+    branches = tree_branches(args)
     if kind == "ngram":
-        return NgramProposer()
+        return NgramProposer(branches=branches[0] if branches else 1)
     ids = frspec_ids_from_args(args, model)
     if kind == "layer-skip":
         num_layers = args.draft_layers if args.draft_layers is not None else max(1, len(model.layers) // 2)
-        return LayerSkipProposer(model, num_layers, ids)
-    return DraftModelProposer(draft_model_from_args(args, model), ids)
+        return LayerSkipProposer(model, num_layers, ids, branches=branches)
+    return DraftModelProposer(draft_model_from_args(args, model), ids, branches=branches)
 
 
 def draft_model_from_args(args, model):
