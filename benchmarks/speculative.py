@@ -51,11 +51,13 @@ def self_quant(model):
     return self_quant_draft(model, "int4"), "int4"
 
 
-def proposers(model, ids_fr: torch.Tensor, layers: int, quant, quant_name: str, branches=(2, 2), tries=4) -> dict:
+def proposers(
+    model, ids_fr: torch.Tensor, layers: int, quant, quant_name: str, trees=((2, 2),), tries=4, confident=0.8
+) -> dict:
     """name -> (FR-Spec size or None, factory). No self-quant draft when the target is int4 itself.
-    Tree variants: model drafts with top-`branches` tokens per depth, n-gram tries of `tries`."""
+    Tree variants: model drafts with top-b tokens per depth for each b-tuple of `trees`, n-gram
+    tries of `tries` continuations; dynamic trees branch only where the draft's top p < `confident`."""
     V = len(ids_fr)
-    tree = ",".join(map(str, branches))
     cases = {
         "n-gram (prompt lookup)": (None, lambda: NgramProposer(n_max=3)),
         "n-gram, matches of 2..5": (None, lambda: NgramProposer(n_max=5, n_min=2)),
@@ -69,11 +71,17 @@ def proposers(model, ids_fr: torch.Tensor, layers: int, quant, quant_name: str, 
     if quant is not None:
         cases[f"self-quant {quant_name}"] = (None, lambda: DraftModelProposer(quant))
         cases[f"self-quant {quant_name} + FR"] = (V, lambda: DraftModelProposer(quant, ids_fr))
-        cases[f"self-quant {quant_name}, tree {tree}"] = (None, lambda: DraftModelProposer(quant, branches=branches))
-        cases[f"self-quant {quant_name} + FR, tree {tree}"] = (
-            V,
-            lambda: DraftModelProposer(quant, ids_fr, branches=branches),
-        )
+        for b in trees:
+            tree = ",".join(map(str, b))
+            cases[f"self-quant {quant_name}, tree {tree}"] = (None, lambda b=b: DraftModelProposer(quant, branches=b))
+            cases[f"self-quant {quant_name}, tree {tree} where p < {confident}"] = (
+                None,
+                lambda b=b: DraftModelProposer(quant, branches=b, confident=confident),
+            )
+            cases[f"self-quant {quant_name} + FR, tree {tree}"] = (
+                V,
+                lambda b=b: DraftModelProposer(quant, ids_fr, branches=b),
+            )
     return cases
 
 
@@ -102,6 +110,28 @@ def forward_cost(model, ids: list[int], lengths=(1, 2, 3, 5, 9), repeat: int = 7
                 c.trim(L)
         out[L] = statistics.median(times) * 1e3
     return out
+
+
+@torch.inference_mode()
+def head_cost(models: dict, ranking: torch.Tensor, sizes, repeat: int = 41) -> list[dict]:
+    """Median ms of one draft LM-head call (one row) restricted to the top-V ids of `ranking`, per
+    model (fp32 head: layer-skip drafts; int4 head: the self-quant draft) and V (full = no FR-Spec)."""
+    from edgelm.speculative.frspec import restrict_lm_head
+
+    rows = []
+    for name, model in models.items():
+        h = torch.randn(1, 1, model.config.hidden_size)
+        for V in sizes:
+            view = model if V >= len(ranking) else restrict_lm_head(model, ranking[:V])
+            for _ in range(3):
+                view.logits(h)
+            times = []
+            for _ in range(repeat):
+                t = time.perf_counter()
+                view.logits(h)
+                times.append(time.perf_counter() - t)
+            rows.append({"head": name, "V": min(V, len(ranking)), "ms": statistics.median(times) * 1e3})
+    return rows
 
 
 def timed(steps) -> tuple[list[int], float]:
@@ -174,12 +204,15 @@ def main() -> None:
     p.add_argument("--num-draft", type=int, default=4)
     p.add_argument("--layers", type=int, default=24, help="decoder layers the layer-skip draft keeps")
     p.add_argument("--frspec-size", type=int, default=8192)
-    p.add_argument("--branches", default="2,2", help="tree drafts: top-b tokens at depth 1, 2, ...")
+    p.add_argument("--branches", default="2,2",
+                   help="tree drafts: top-b tokens at depth 1, 2, ...; several trees separated by ';'")
+    p.add_argument("--confident", type=float, default=0.8, help="dynamic trees: branch where the draft's top p is below")
     p.add_argument("--tries", type=int, default=4, help="tree drafts: n-gram continuations merged into a trie")
     p.add_argument("--target", choices=["fp32", "int4"], default="fp32", help="int4: group-32 weight-only")
     p.add_argument("--cost", action="store_true",
                    help="first measure verify cost vs a one-token step and tune the adaptive draft length to it")
     p.add_argument("--verify-cost", type=float, default=0.05, help="extra cost per draft token (without --cost)")
+    p.add_argument("--head-cost", action="store_true", help="first time the draft LM head restricted to V rows")
     p.add_argument("--repeat", type=int, default=1, help="alternating rounds; medians")
     p.add_argument("--prompts", default="chat,code", help="comma list: chat,code")
     p.add_argument("--proposers", default=None, help="only proposers whose name contains one of these (comma list)")
@@ -193,14 +226,21 @@ def main() -> None:
     if args.target == "int4":  # the int4 copy is the target; its plain decode is the baseline
         model, quant = quant, None
     load_start = os.getloadavg()[0]
+    if args.head_cost:
+        full = build_frequency_ranking(model.tokenizer, TEXT, [model.tokenizer.vocab_size])[model.tokenizer.vocab_size]
+        heads = {"fp32": model} | ({quant_name: quant} if quant is not None else {})
+        sizes = [8192, 16384, 32768, len(full)]
+        print("| draft LM head | V | ms per call | ms per 1K rows |\n|---|---:|---:|---:|")
+        for r in head_cost(heads, full, sizes):
+            print(f"| {r['head']} | {r['V']} | {r['ms']:.3f} | {r['ms'] / r['V'] * 1e3:.4f} |", flush=True)
     if args.cost:
         ms = forward_cost(model, prompts(model.tokenizer)["code"])
         print("forward over L new tokens (ms, x one-token step): "
               + ", ".join(f"L={L}: {t:.1f} ({t / ms[1]:.2f}x)" for L, t in ms.items()), flush=True)
         args.verify_cost = max(0.0, (ms[5] / ms[1] - 1) / 4)  # extra cost per draft token, measured
         print(f"adaptive draft length uses verify cost {args.verify_cost:.3f} per draft token", flush=True)
-    branches = tuple(int(b) for b in args.branches.split(","))
-    cases = proposers(model, ids_fr, args.layers, quant, quant_name, branches, args.tries)
+    trees = [tuple(int(b) for b in tree.split(",")) for tree in args.branches.split(";")]
+    cases = proposers(model, ids_fr, args.layers, quant, quant_name, trees, args.tries, args.confident)
     if args.proposers:
         cases = {k: v for k, v in cases.items() if any(w in k for w in args.proposers.split(","))}
     chosen = {k: v for k, v in prompts(model.tokenizer).items() if k in args.prompts.split(",")}

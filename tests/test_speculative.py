@@ -90,6 +90,7 @@ STORIES_PROPOSERS = {
     "frspec-draft": lambda m, d, fr: DraftModelProposer(d, frspec_ids=fr[64]),
     "frspec-layerskip": lambda m, d, fr: LayerSkipProposer(m, 2, frspec_ids=fr[64]),
     "tree-draft": lambda m, d, fr: DraftModelProposer(d, branches=(3, 2)),
+    "dynamic-tree-layerskip": lambda m, d, fr: LayerSkipProposer(m, 2, branches=(2, 2, 2, 2), confident=0.6),
     "tree-frspec-layerskip": lambda m, d, fr: LayerSkipProposer(m, 2, frspec_ids=fr[64], branches=(2, 2, 2)),
     "ngram-trie": lambda m, d, fr: NgramProposer(n_max=3, branches=4),
 }
@@ -243,6 +244,12 @@ def test_tree_drafts_and_bad_trees(stories):
         LayerSkipProposer(stories, 2, branches=(2, 0))
     with pytest.raises(ValueError, match="branches must be >= 1"):
         NgramProposer(branches=0)
+    with pytest.raises(ValueError, match="confident must be in"):
+        LayerSkipProposer(stories, 2, branches=(2,), confident=0.0)
+    # dynamic trees: no runner-up where the draft is sure of its token, all of them when never sure
+    layers = 1
+    never, always = (LayerSkipProposer(stories, layers, branches=(2, 2, 2), confident=c) for c in (1e-9, 1.0))
+    assert never.propose(ids, 3).parents is None and len(always.propose(ids, 3).tokens) == 6
     x = torch.tensor([ids[:4]])
     with pytest.raises(ValueError, match="parents must come before their children"):
         stories(x, stories.make_cache(), tree=torch.tensor([-1, 2, 0, 1]))

@@ -138,12 +138,17 @@ class ModelProposer(Proposer):
         frspec_ids: torch.Tensor | None = None,
         cost: float | None = None,
         branches: Sequence[int] = (),
+        confident: float = 1.0,
     ):
         if any(b < 1 for b in branches):
             raise ValueError(f"branches must be >= 1 per depth, got {list(branches)}")
+        if not 0 < confident <= 1:
+            raise ValueError(f"confident must be in (0, 1], got {confident}")
         # Tree drafting: at depth i the draft's top branches[i] tokens, its own pick (the chain,
-        # fed on) and branches[i] - 1 runners-up as leaves that the target verifies alongside.
-        self.branches = tuple(branches)
+        # fed on) and branches[i] - 1 runners-up as leaves that the target verifies alongside,
+        # unless the draft gives its top token probability >= `confident` there (EAGLE-2's point:
+        # spend verify rows where the draft is unsure).
+        self.branches, self.confident = tuple(branches), confident
         self.fixed_cost = cost  # None: estimate from weight bytes in bind()
         self.vocab_width = vocab_rows(model)  # q's width: the draft's full vocabulary
         self.model = model if frspec_ids is None else restrict_lm_head(model, frspec_ids)
@@ -171,7 +176,7 @@ class ModelProposer(Proposer):
             token, q = self._pick(logits, sampling)
             tokens.append(token)
             probs.append(q)
-            if i < len(self.branches) and self.branches[i] > 1:
+            if i < len(self.branches) and self.branches[i] > 1 and self._unsure(logits):
                 leaves += [(i - 1, t) for t in self._runners_up(logits, token, self.branches[i] - 1)]
             if i < k - 1:  # the last draft token is fed next time, with the target's token after it
                 logits = self._feed([token])
@@ -183,6 +188,9 @@ class ModelProposer(Proposer):
             probs += [probs[0].new_zeros(self.vocab_width).index_fill_(0, torch.tensor([t]), 1.0) for _, t in leaves]
         parents = list(range(-1, k - 1)) + [p for p, _ in leaves]
         return Draft(tokens + [t for _, t in leaves], None if greedy else torch.stack(probs), parents)
+
+    def _unsure(self, logits: torch.Tensor) -> bool:
+        return self.confident >= 1 or float(logits.float().softmax(-1).max()) < self.confident
 
     def _runners_up(self, logits: torch.Tensor, token: int, m: int) -> list[int]:
         """The m highest-scoring ids of (V_draft,) logits other than `token` (real ids)."""
@@ -262,8 +270,9 @@ class LayerSkipProposer(ModelProposer):
         frspec_ids: torch.Tensor | None = None,
         cost: float | None = None,
         branches: Sequence[int] = (),
+        confident: float = 1.0,
     ):
-        super().__init__(first_layers(model, num_layers), frspec_ids, cost, branches)
+        super().__init__(first_layers(model, num_layers), frspec_ids, cost, branches, confident)
 
 
 def first_layers(model: nn.Module, num_layers: int) -> nn.Module:
