@@ -190,6 +190,35 @@ def test_matches_transformers_prefill_and_decode(name):
     close(run_chunks(model, tokens, sizes), hf_chunks(ref, tokens, sizes))
 
 
+@pytest.mark.parametrize("name", ["hybrid-moe", "hybrid-dense-tied", "hybrid-rope-bias", "mamba2", "mamba2-dt-limit"])
+@torch.no_grad()
+def test_fast_mamba_step_matches_module_path(name):
+    """The C++ decode step (conv step, recurrence, D skip, gated norm in one call) against the
+    module path it replaces, on two rows for 12 tokens after a prefill."""
+    _, model = models(name)
+    mixers = [m for m in model.modules() if isinstance(m, Mamba2Mixer)]
+    assert mixers and kernels.available()
+    tokens = tokens_for(2, 32)
+    sizes = [20] + [1] * 12
+    fast = run_chunks(model, tokens, sizes)
+    for m in mixers:  # the module path, the reference
+        m.fast = False
+    try:
+        slow = run_chunks(model, tokens, sizes)
+    finally:
+        for m in mixers:
+            del m.fast
+    close(fast, slow, atol=1e-5)
+    cache = model.make_cache()
+    model(tokens[:, :20], cache)
+    mamba = next(c for c in cache if isinstance(c, MambaCache))
+    before = mamba.snapshot()
+    model(tokens[:, 20:21], cache)
+    assert mamba.ssm_state is not before[2] and mamba.conv_state is not before[1]  # new tensors: snapshots stay valid
+    out = mixers[0].fast_step(torch.zeros(2, 1, mixers[0].in_proj.in_features), mamba, None)
+    assert out is not None and out.shape == (2, 1, mixers[0].out_proj.out_features)
+
+
 @torch.no_grad()
 def test_cached_chunks_match_uncached():
     _, model = models("hybrid-moe")

@@ -207,6 +207,93 @@ void attend_group_part(const float* q, int64_t G, const float* Kb, const float* 
   }
 }
 
+// --- One decode token of a Mamba-2 mixer (edgelm/layers/mamba2.py: Mamba2Mixer.forward's module
+// path is the reference), everything between in_proj and out_proj in one pass: the causal conv
+// step, SiLU, softplus(dt + dt_bias), the state recurrence with the D skip, and the gated RMSNorm.
+// zxbcdt (B, d_inner + C + H) in_proj's output; conv_w (C, K); conv_state (B, C, K-1); h (B, H, P, N).
+// Returns {y (B, d_inner) for out_proj, new conv_state, new h}: the states are new tensors (a
+// MambaCache snapshot keeps references to the old ones).
+std::vector<at::Tensor> mamba_step(at::Tensor zxbcdt, at::Tensor conv_w, std::optional<at::Tensor> conv_b, at::Tensor conv_state,
+                                   at::Tensor dt_bias, at::Tensor A, at::Tensor D, at::Tensor norm_w, at::Tensor h, int64_t G,
+                                   double eps) {
+  const int64_t Bsz = h.size(0), H = h.size(1), P = h.size(2), N = h.size(3), di = H * P, C = conv_w.size(0), K = conv_w.size(1);
+  TORCH_CHECK(zxbcdt.scalar_type() == at::kFloat && h.scalar_type() == at::kFloat && conv_state.scalar_type() == at::kFloat,
+              "mamba_step runs in fp32");
+  TORCH_CHECK(zxbcdt.dim() == 2 && zxbcdt.size(0) == Bsz && zxbcdt.size(1) == di + C + H && C == di + 2 * G * N && H % G == 0,
+              "mamba_step: zxbcdt must be (B, d_inner + conv_dim + H)");
+  TORCH_CHECK(conv_state.size(0) == Bsz && conv_state.size(1) == C && conv_state.size(2) == K - 1, "conv_state must be (B, C, K-1)");
+  auto in = zxbcdt.contiguous();
+  auto w = conv_w.to(at::kFloat).contiguous();
+  auto cs = conv_state.contiguous();
+  auto hs = h.contiguous();
+  auto bias = conv_b.has_value() ? conv_b->to(at::kFloat).contiguous() : at::Tensor();
+  auto dtb = dt_bias.to(at::kFloat).contiguous(), a = A.to(at::kFloat).contiguous(), d = D.to(at::kFloat).contiguous();
+  auto nw = norm_w.to(at::kFloat).contiguous();
+  auto y = at::empty({Bsz, di}, in.options());
+  auto new_cs = at::empty_like(cs);
+  auto new_h = at::empty_like(hs);
+  auto xbc = at::empty({Bsz, C}, in.options());  // after the conv and SiLU
+  const float* ip = in.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const float* csp = cs.data_ptr<float>();
+  float* ncs = new_cs.data_ptr<float>();
+  float* xp = xbc.data_ptr<float>();
+  const int64_t row = di + C + H;
+  for (int64_t b = 0; b < Bsz; ++b) {  // conv step: out = w[K-1]·x + Σ_k w[k]·past[k] + bias (the reference's order)
+    for (int64_t c = 0; c < C; ++c) {
+      const float* past = csp + (b * C + c) * (K - 1);
+      const float* wc = wp + c * K;
+      const float xin = ip[b * row + di + c];
+      float o = xin * wc[K - 1];
+      for (int64_t k = 0; k < K - 1; ++k) o += past[k] * wc[k];
+      if (bp != nullptr) o += bp[c];
+      xp[b * C + c] = o / (1.f + std::exp(-o));  // SiLU
+      float* next = ncs + (b * C + c) * (K - 1);
+      for (int64_t k = 0; k + 1 < K - 1; ++k) next[k] = past[k + 1];
+      if (K > 1) next[K - 2] = xin;
+    }
+  }
+  const float* hp = hs.data_ptr<float>();
+  float* nh = new_h.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t hg = H / G;
+  {
+    pybind11::gil_scoped_release release;
+    at::parallel_for(0, Bsz * H, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {  // one (row, head): h = exp(dt·A)·h + dt·x ⊗ B; y = h·C + D·x
+        const int64_t b = i / H, hh = i % H, g = hh / hg;
+        const float raw = ip[b * row + di + C + hh] + dtb.data_ptr<float>()[hh];
+        const float dt = raw > 20.f ? raw : std::log1p(std::exp(raw));  // softplus, threshold 20 as torch's
+        const float decay = std::exp(dt * a.data_ptr<float>()[hh]);
+        const float* x = xp + b * C + hh * P;
+        const float* Bv = xp + b * C + di + g * N;
+        const float* Cv = xp + b * C + di + G * N + g * N;
+        for (int64_t p = 0; p < P; ++p) {
+          const float* ho = hp + ((b * H + hh) * P + p) * N;
+          float* hn = nh + ((b * H + hh) * P + p) * N;
+          const float dx = dt * x[p];
+          for (int64_t n = 0; n < N; ++n) hn[n] = ho[n] * decay + dx * Bv[n];
+          yp[b * di + hh * P + p] = dot(hn, Cv, N) + x[p] * d.data_ptr<float>()[hh];
+        }
+      }
+    });
+  }
+  const int64_t gs = di / G;
+  for (int64_t b = 0; b < Bsz; ++b) {  // gated RMSNorm per group: rmsnorm(y · silu(z)) · w
+    const float* z = ip + b * row;
+    float* yb = yp + b * di;
+    for (int64_t j = 0; j < di; ++j) yb[j] *= z[j] / (1.f + std::exp(-z[j]));
+    for (int64_t g = 0; g < G; ++g) {
+      float ss = 0.f;
+      for (int64_t j = g * gs; j < (g + 1) * gs; ++j) ss += yb[j] * yb[j];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(gs) + static_cast<float>(eps));
+      for (int64_t j = g * gs; j < (g + 1) * gs; ++j) yb[j] = yb[j] * inv * nw.data_ptr<float>()[j];
+    }
+  }
+  return {y, new_cs, new_h};
+}
+
 // --- InfLLM v2 block-sparse attention for the decode step (edgelm/layers/sparse_attention.py is
 // the reference: select_blocks, attend_selected). Block size 0 = dense attention.
 struct SparseCfg {
@@ -1052,6 +1139,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "int4/int8 Linear -> its fp32 weight (N, K)");
   m.def("sparse_attention", &sparse_attention,
         "InfLLM v2 attention: (q, k, v, kernels, pos0, [block, ksize, kstride, init, window, topk, dense_len], scale)");
+  m.def("mamba_step", &mamba_step, "one Mamba-2 decode token between in_proj and out_proj",
+        pybind11::arg("zxbcdt"), pybind11::arg("conv_w"), pybind11::arg("conv_b"), pybind11::arg("conv_state"),
+        pybind11::arg("dt_bias"), pybind11::arg("A"), pybind11::arg("D"), pybind11::arg("norm_w"), pybind11::arg("h"),
+        pybind11::arg("G"), pybind11::arg("eps"));
   m.def("set_group_attention_bytes", [](int64_t v) { g_group_attention_bytes = v; }, "long-context attention threshold");
   m.def("set_attention_parts", [](int64_t v) { g_attention_parts = v; }, "0 = auto");
   pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")
