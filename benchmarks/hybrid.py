@@ -152,18 +152,40 @@ def speed_rows(variant: str, args):
     e = statistics.median(decode_edgelm(model, ids, args.decode_tokens) for _ in range(args.repeat))
     h = statistics.median(decode_hf(ref, ids, args.decode_tokens) for _ in range(args.repeat))
     yield row(variant, "decode after 512 (ms/token)", e, h, higher=False)
+    yield row(variant, "decode, Mamba step on the module path (ms/token)", plain_decode(model, ids, args, True), h, higher=False)
+    yield row(variant, "decode, plain path: that and MKL linears (ms/token)", plain_decode(model, ids, args), h, higher=False)
     if args.quant:  # the same weights quantized in place (edgelm's modules only; transformers keeps fp32)
         from edgelm.quant.quantize import quantize_decoder
 
         quantize_decoder(model, args.quant)
         e = statistics.median(decode_edgelm(model, ids, args.decode_tokens) for _ in range(args.repeat))
         yield row(variant, f"decode after 512 (ms/token), edgelm {args.quant} weights", e, h, higher=False)
+        e = plain_decode(model, ids, args)
+        yield row(variant, f"decode, {args.quant}, Mamba step on the module path (ms/token)", e, h, higher=False)
         return
     for n in args.lengths:
         ids = torch.randint(0, cfg["vocab_size"], (1, n), generator=g)
         e = min(prefill_edgelm(model, ids) for _ in range(args.repeat))
         h = min(prefill_hf(ref, ids) for _ in range(args.repeat)) if n <= args.hf_max else None
         yield row(variant, f"prefill {n} (tok/s)", n / e, n / h if h else None, higher=True)
+
+
+def plain_decode(model, ids, args, kernel_linears: bool = False) -> float:
+    """Decode ms/token with the Mamba mixers' one-call C++ step switched off, and unless
+    `kernel_linears` the dense fp32 linears on their modules (MKL) instead of edgelm's kernel."""
+    from edgelm import kernels
+    from edgelm.layers.mamba2 import Mamba2Mixer
+
+    mixers = [m for m in model.modules() if isinstance(m, Mamba2Mixer)]
+    for m in mixers:
+        m.fast = False
+    kernels.FEW_ROW_LINEARS = kernel_linears
+    try:
+        return statistics.median(decode_edgelm(model, ids, args.decode_tokens) for _ in range(args.repeat))
+    finally:
+        kernels.FEW_ROW_LINEARS = True
+        for m in mixers:
+            del m.fast
 
 
 def row(variant: str, what: str, ours: float, theirs: float | None, higher: bool) -> str:

@@ -89,6 +89,27 @@ def test_dense_fp32_matmul(M, N, K):
         assert torch.equal(y[-1:], kernels.ext().linear(handle, x[-1:]))
 
 
+@torch.inference_mode()
+def test_linear_uses_the_kernel_for_few_rows_unless_hooked():
+    """kernels.linear: the few-rows kernel for ≤ few_rows rows (≈ the module's output), the module
+    itself for more rows, with autograd, or while hooks watch it (the profiler)."""
+    linear = torch.nn.Linear(96, 40)
+    calls = []
+    x = torch.randn(1, 3, 96)
+    y = kernels.linear(linear, x)
+    torch.testing.assert_close(y, linear(x), atol=1e-5, rtol=0)
+    assert torch.equal(y, kernels.dense_linear(linear, x))  # the kernel's result, not the module's
+    handle = linear.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    try:
+        kernels.linear(linear, x)
+        assert calls == [x.shape]
+    finally:
+        handle.remove()
+    many = torch.randn(kernels.ext().few_rows + 1, 96)
+    assert kernels.dense_linear(linear, many) is None
+    assert torch.equal(kernels.linear(linear, many), linear(many))
+
+
 def test_zero_and_constant_blocks():
     m = make("int4_g32", 64, 96, bias=False)
     x = torch.zeros(2, 96)

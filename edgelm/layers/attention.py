@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgelm import kernels
 from edgelm.layers.mlp import fuse_linears
 from edgelm.layers.norm import RMSNorm
 from edgelm.layers.rope import RoPE, apply_rope
@@ -223,8 +224,8 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
-            return self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return kernels.linear(self.qkv_proj, x).split(self.qkv_sizes, dim=-1)
+        return kernels.linear(self.q_proj, x), kernels.linear(self.k_proj, x), kernels.linear(self.v_proj, x)
 
     def forward(self, x: torch.Tensor, cache, ctx: ForwardContext) -> torch.Tensor:
         B, L, _ = x.shape
@@ -245,4 +246,4 @@ class Attention(nn.Module):
             # the keys returned cover absolute positions [offset + L - S, offset + L)
             mask = ctx.mask(ctx.offset + L - k.shape[2], k.shape[2], self.window)
             out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, L, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+        return kernels.linear(self.o_proj, out.transpose(1, 2).reshape(B, L, -1))

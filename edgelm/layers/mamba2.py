@@ -245,7 +245,7 @@ class Mamba2Mixer(nn.Module):
             return None
         Bsz = u.shape[0]
         y, conv_state, h = ext.mamba_step(
-            self.in_proj(u).view(Bsz, -1),
+            kernels.linear(self.in_proj, u).view(Bsz, -1),
             self.conv1d.weight[:, 0],
             self.conv1d.bias,
             cache.conv_state,
@@ -258,7 +258,7 @@ class Mamba2Mixer(nn.Module):
             self.norm.eps,
         )
         cache.update(conv_state, h, 1)
-        return self.out_proj(y.view(Bsz, 1, -1))
+        return kernels.linear(self.out_proj, y.view(Bsz, 1, -1))
 
 
 def parse_time_step_limit(limit) -> tuple[float, float]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgelm import kernels
 from edgelm.layers.mlp import get_activation
 
 
@@ -33,8 +34,8 @@ class SharedMLP(nn.Module):
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.input_linear(x).chunk(2, dim=-1)
-        return self.output_linear(self.act(gate) * up)
+        gate, up = kernels.linear(self.input_linear, x).chunk(2, dim=-1)
+        return kernels.linear(self.output_linear, self.act(gate) * up)
 
 
 class ExpertWeights(nn.Module):
