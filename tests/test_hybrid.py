@@ -571,7 +571,15 @@ def test_grouped_experts_match_per_token_loop():
     top, idx = logits.topk(k, dim=-1)
     weights = top.softmax(-1)
     got = grouped_experts(x, weights, idx, w_in, w_out, F.silu)
-    close(got, moe_reference(x, weights, idx, w_in, w_out, F.silu), atol=1e-5)
+    expected = moe_reference(x, weights, idx, w_in, w_out, F.silu)
+    close(got, expected, atol=1e-5)
+    # the modules as MoE passes them: fp32 experts' few rows on the C++ kernel (1 token: decode)
+    m_in, m_out = ExpertWeights(E, 2 * I, hidden), ExpertWeights(E, hidden, I)
+    m_in.weight.data, m_out.weight.data = w_in, w_out
+    with torch.inference_mode():
+        close(grouped_experts(x, weights, idx, m_in, m_out, F.silu), expected, atol=1e-5)
+        close(grouped_experts(x[:1], weights[:1], idx[:1], m_in, m_out, F.silu), expected[:1], atol=1e-5)
+        assert kernels.stacked_linear(m_in, 2, x[:3]) is not None
 
 
 # quantized experts against moe_reference over their dequantized stacks: edgelm's kernels round

@@ -98,6 +98,26 @@ def dense_handle(m: torch.nn.Module):
 
 
 FEW_ROW_LINEARS = True  # False: `linear` always calls the module (benchmarks' plain path)
+_SLICES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def stacked_linear(m: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor | None:
+    """x @ m.weight[e].T for a stacked fp32 weight (E, out, in) (a MoE's experts) by the few-rows
+    kernel, or None when it does not apply. One handle per expert slice, cached per module."""
+    w = m.weight
+    if not FEW_ROW_LINEARS or x.dtype != torch.float32 or w.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    mod = ext()
+    if mod is None or x.shape[0] > mod.few_rows or not w.is_contiguous():
+        return None
+    cached = _SLICES.get(m)
+    if cached is None or cached[0] != w.data_ptr():
+        cached = _SLICES[m] = (w.data_ptr(), [None] * w.shape[0])
+    handles = cached[1]
+    if handles[e] is None:
+        handles[e] = mod.make_linear(0, w[e].detach(), torch.empty(0), None)
+    return mod.linear(handles[e], x.contiguous())
+
 
 
 def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

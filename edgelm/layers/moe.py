@@ -91,27 +91,25 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (T, hidden)
         weights, idx = self.router(flat)
-        out = grouped_experts(flat, weights, idx, expert_stack(self.input_linear), expert_stack(self.output_linear), self.act)
+        out = grouped_experts(flat, weights, idx, self.input_linear, self.output_linear, self.act)
         return out.view_as(x)
 
 
-def expert_stack(m: nn.Module):
-    """What `grouped_experts` takes: the (E, out, in) tensor of an ExpertWeights, or a quantized
-    experts module (QuantizedExperts) as it is."""
-    return m.weight if isinstance(m, ExpertWeights) else m
-
-
 def expert_linear(w, e: int, x: torch.Tensor) -> torch.Tensor:
-    """x (n, in) -> (n, out) through expert e: a stacked tensor's slice, or a quantized expert's own
-    module (its int kernel for few rows, its dequantized weight for many)."""
+    """x (n, in) -> (n, out) through expert e of: a stacked (E, out, in) tensor (its slice), an
+    ExpertWeights (few fp32 rows on the C++ kernel, else its slice), or a QuantizedExperts (the
+    expert's own int kernel for few rows, its dequantized weight for many)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w[e])
+    if isinstance(w, ExpertWeights):
+        out = kernels.stacked_linear(w, e, x)
+        return F.linear(x, w.weight[e]) if out is None else out
     return w.expert_forward(e, x)
 
 
 def grouped_experts(x, weights, idx, w_in, w_out, act) -> torch.Tensor:
     """x (T, hidden), weights/idx (T, k), w_in (E, 2I, hidden), w_out (E, hidden, I) -> (T, hidden).
-    w_in / w_out are stacked tensors or QuantizedExperts (`expert_linear`).
+    w_in / w_out are stacked tensors, ExpertWeights or QuantizedExperts (`expert_linear`).
 
     The T·k (token, expert) pairs are sorted by expert, so expert e's tokens are one contiguous
     block: one gather, one matmul pair per active expert, one scatter-add back. One token (decode)
