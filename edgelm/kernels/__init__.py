@@ -105,10 +105,8 @@ def stacked_linear(m: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor 
     """x @ m.weight[e].T for a stacked fp32 weight (E, out, in) (a MoE's experts) by the few-rows
     kernel, or None when it does not apply. One handle per expert slice, cached per module."""
     w = m.weight
-    if not FEW_ROW_LINEARS or x.dtype != torch.float32 or w.dtype != torch.float32 or torch.is_grad_enabled():
-        return None
-    mod = ext()
-    if mod is None or x.shape[0] > mod.few_rows or not w.is_contiguous():
+    mod = _few_rows_ext(x, w.shape[-1])
+    if not FEW_ROW_LINEARS or mod is None or w.dtype != torch.float32 or not w.is_contiguous():
         return None
     cached = _SLICES.get(m)
     if cached is None or cached[0] != w.data_ptr():
@@ -118,6 +116,13 @@ def stacked_linear(m: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor 
         handles[e] = mod.make_linear(0, w[e].detach(), torch.empty(0), None)
     return mod.linear(handles[e], x.contiguous())
 
+
+def _few_rows_ext(x: torch.Tensor, in_features: int):
+    """The kernel module when x (..., in_features) is few fp32 rows outside autograd, else None."""
+    if x.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    mod = ext()
+    return mod if mod is not None and x.numel() <= mod.few_rows * in_features else None
 
 
 def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -137,9 +142,6 @@ def dense_linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     MKL anyway). Used for a dense LM head: an 8-row verify or batched step reads the 113 MB fp32
     head of a 49K vocabulary once (~1.1x one row), where MKL's GEMM costs 3-6x its one-row GEMV on
     this CPU. Each row's output is the same for any rows beside it (tests/test_kernels.py)."""
-    if x.dtype != torch.float32 or torch.is_grad_enabled():
-        return None
-    handle = dense_handle(m)
-    if handle is None or x.numel() > ext().few_rows * m.in_features:
-        return None
-    return ext().linear(handle, x.contiguous())
+    mod = _few_rows_ext(x, getattr(m, "in_features", 0))
+    handle = None if mod is None else dense_handle(m)
+    return None if handle is None else mod.linear(handle, x.contiguous())

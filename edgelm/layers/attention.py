@@ -105,18 +105,14 @@ class ForwardContext:
             allowed = allowed & (q - k < window)
         return allowed[:, None]
 
-
     def _make_tree_mask(self, key_start: int, num_keys: int, window: int | None) -> torch.Tensor:
-        """(1, 1, L, S): every cached key (within the window, by tree position) and the token's
-        ancestors among the new ones (they sit at slots offset .. offset + L - 1)."""
-        q = self.positions[0][:, None]  # (L, 1) tree positions
+        """(1, 1, L, S): every cached key and the token's ancestors among the new ones (they sit at
+        slots offset .. offset + L - 1). Windowed layers never verify trees (`supports_tree`)."""
+        assert window is None, "a tree verify runs on full-attention layers only"
         slots = torch.arange(key_start, key_start + num_keys)  # (S,)
         allowed = (slots < self.offset).expand(self.length, num_keys).clone()
         new = slots >= self.offset
         allowed[:, new] = tree_ancestors(self.tree)[:, slots[new] - self.offset]
-        if window is not None:
-            pos = torch.where(new, self.positions[0][(slots - self.offset).clamp(0, self.length - 1)], slots)
-            allowed &= q - pos < window
         return allowed[None, None]
 
 

@@ -233,7 +233,6 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(Bsz, L, self.d_inner), z)
         return self.out_proj(y.to(u.dtype))
 
-
     def fast_step(self, u: torch.Tensor, cache, ctx: ForwardContext | None) -> torch.Tensor | None:
         """One decode token with everything between in_proj and out_proj in one C++ call
         (`kernels/cpu.cpp: mamba_step`; the module path below is its reference), or None when it

@@ -109,14 +109,14 @@ class CausalLM(nn.Module):
         return self
 
     def supports_tree(self, cache: list | None) -> bool:
-        """Whether a tree verify is exact: every layer is attention that reads positions and masks
-        from the forward context, dense (no block-sparse selection), over a plain KV cache whose
-        slots can be compacted after the accepted path is known."""
+        """Whether a tree verify is exact: every layer is full attention (no window, no block-sparse
+        selection) that reads positions and masks from the forward context, over a plain KV cache
+        whose slots can be compacted after the accepted path is known."""
         from edgelm.layers.attention import Attention
 
         for layer in self.layers:
             attn = getattr(layer, "self_attn", None)
-            if type(attn) is not Attention or attn.sparse is not None:
+            if type(attn) is not Attention or attn.sparse is not None or attn.window is not None:
                 return False
         return bool(cache) and all(type(c) is KVCache for c in cache)
 

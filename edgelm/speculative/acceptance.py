@@ -76,6 +76,11 @@ def accept_greedy(draft: Sequence[int], logits: torch.Tensor) -> tuple[int, int]
     return n, int(target[n])
 
 
+def point_mass(x: int, like: torch.Tensor) -> torch.Tensor:
+    """δ_x: a one-hot distribution shaped and typed like `like` (V,), the q of a fixed draft token."""
+    return torch.zeros_like(like).index_fill_(0, torch.tensor([x]), 1.0)
+
+
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm(max(p − q, 0)) for (V,) distributions; p itself if they are equal up to rounding."""
     r = (p - q).clamp_(min=0)
@@ -95,7 +100,7 @@ def accept_sampled(
         qx = 1.0 if q is None else float(q[i, x])
         if sampling.uniform() * qx < float(p[i, x]):  # u < p(x)/q(x), without dividing by 0
             continue
-        qi = torch.zeros_like(p[i]).index_fill_(0, torch.tensor([x]), 1.0) if q is None else q[i]
+        qi = point_mass(x, p[i]) if q is None else q[i]
         return i, sampling.draw(residual(p[i], qi))
     return len(draft), sampling.draw(p[len(draft)])
 
@@ -143,7 +148,7 @@ def accept_tree(
             if sampling.uniform() * qx < float(r[x]):  # u < r(x)/q(x)
                 kept = c
                 break
-            qc = torch.zeros_like(r).index_fill_(0, torch.tensor([x]), 1.0) if q is None else q[c]
+            qc = point_mass(x, r) if q is None else q[c]
             r = residual(r, qc)
         if kept is None:
             return path, sampling.draw(r)

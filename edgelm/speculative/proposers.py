@@ -25,7 +25,7 @@ from torch import nn
 
 from edgelm.cache import KVCache
 from edgelm.generate import prefill
-from edgelm.speculative.acceptance import SamplingParams
+from edgelm.speculative.acceptance import SamplingParams, point_mass
 from edgelm.speculative.frspec import module_view, restrict_lm_head
 
 PROBE_TEXTS = ("Hello, world! 123", "def f(x):\n    return x * 2", " The quick brown fox.")
@@ -185,7 +185,7 @@ class ModelProposer(Proposer):
         if not leaves:
             return Draft(tokens, None if greedy else torch.stack(probs))
         if not greedy:  # leaves are point masses (one-hot q rows)
-            probs += [probs[0].new_zeros(self.vocab_width).index_fill_(0, torch.tensor([t]), 1.0) for _, t in leaves]
+            probs += [point_mass(t, probs[0]) for _, t in leaves]  # q rows span vocab_width
         parents = list(range(-1, k - 1)) + [p for p, _ in leaves]
         return Draft(tokens + [t for _, t in leaves], None if greedy else torch.stack(probs), parents)
 
