@@ -41,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     set_threads(args.threads)
     builds = {"new": kernels.ext(), "old": load_so(args.old_so)}
-    ex = NativeExecutor(str(default_model_path()), threads=args.threads, quant=None if args.quant == "gguf" else args.quant)
+    ex = NativeExecutor(str(default_model_path()), threads=args.threads, quant=args.quant)  # "gguf": the file's own types
     int8 = [m for m in ex.model.modules() if isinstance(m, qlinear.Int8Linear)]
     buffers = {"new": [m.qweight for m in int8]}
     buffers["old"] = [m.codes().contiguous() for m in int8] if args.old_int8 == "rows" else buffers["new"]

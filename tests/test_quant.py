@@ -380,6 +380,20 @@ def test_quantized_embedding_reads_table_rows(kind):
     assert emb.state_dict() == {}  # tied: the table is saved once, by its owner
 
 
+@pytest.mark.skipif(not kernels.available(), reason="needs edgelm's kernels")
+def test_kernel_row_lookup_equals_reference_rows():
+    """lookup_rows (one C++ call) == dequantize_rows (torch ops) bit for bit: int4 blocks, and int8
+    with rows in full 8-row tiles and in the row-major tail (N = 83); bad ids raise."""
+    torch.manual_seed(0)
+    tables = [make_module("int4_g32_asym"), Int8Linear.from_float(nn.Linear(K, 83, bias=False))]
+    for table in tables:
+        assert table.kernel_handle() is not None
+        rows = torch.tensor([0, 7, 8, table.out_features - 1, 5, 5])
+        assert torch.equal(table.lookup_rows(rows), table.dequantize_rows(rows))
+        with pytest.raises(RuntimeError, match="out of range"):
+            table.lookup_rows(torch.tensor([table.out_features]))
+
+
 def test_quantized_embedding_from_float():
     e = nn.Embedding(50, 64)
     qe = QuantizedEmbedding.from_float(e)

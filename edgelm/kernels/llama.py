@@ -72,12 +72,16 @@ def _key(model) -> tuple:
     qkv = first.self_attn.qkv_proj
     w = None if qkv is None else getattr(qkv, "packed", getattr(qkv, "qweight", getattr(qkv, "weight", None)))
     return (len(model.layers), id(qkv), id(last.mlp.down_proj), id(last.self_attn.o_proj),
-            _sparse_config(model), None if w is None else w.data_ptr())
+            _sparse_of(first), _sparse_of(last), None if w is None else w.data_ptr())
+
+
+def _sparse_of(layer):
+    return None if layer.self_attn.sparse is None else layer.self_attn.sparse.config
 
 
 def _sparse_config(model):
     """The layers' shared SparseConfig, None when dense, False when they differ."""
-    configs = {None if layer.self_attn.sparse is None else layer.self_attn.sparse.config for layer in model.layers}
+    configs = {_sparse_of(layer) for layer in model.layers}
     return configs.pop() if len(configs) == 1 else False
 
 
@@ -183,7 +187,7 @@ def hidden_states(model, tokens: torch.Tensor, cache, ctx):
     h = model.model.embed_tokens(tokens)
     if h.dtype != torch.float32:
         return None
-    sparse = key[4]  # the layers' SparseConfig (or None), part of the decoder's key
+    sparse = key[4]  # the layers' SparseConfig (or None; build() refuses mixed ones), part of the key
     plan = _cache_plan(cache, B, L, h, (attn.num_kv_heads, attn.head_dim), sparse)
     if plan is None:
         return None
