@@ -130,6 +130,9 @@ def main() -> None:
         print(
             f"| {b or 'none'} | {tps:.0f} | {occ:.2f} | {rs[0]['stages']} | {rs[0]['steps']} | {tps / base:.2f}x |"
         )
+    for b in settings[1:]:  # the ratio of each alternating round, to show the spread
+        ratios = [r["tokens_per_s"] / r0["tokens_per_s"] for r, r0 in zip(runs[b], runs[None])]
+        print(f"budget {b}: speed-up per round " + ", ".join(f"{x:.2f}x" for x in ratios))
     if args.json:
         Path(args.json).write_text(json.dumps({str(k): v for k, v in runs.items()}, indent=2))
 
