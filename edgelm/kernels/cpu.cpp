@@ -439,8 +439,7 @@ struct QActs {
   std::vector<float> s, ss;
 #ifdef EDGELM_AVX2
   // pairs[m * K/2 + j]: activation pair j of row m (int16 x[2j], x[2j+1]) broadcast to every 32-bit
-  // lane. The tile kernels load it as madd_epi16's operand: one load instead of a broadcast, which
-  // takes this CPU's shuffle ports that the weight unpacking needs (1.16x on an int4 GEMV).
+  // lane, for the tile kernels to load as madd_epi16's operand (see madd_rows).
   std::vector<__m256i> pairs;
 #endif
   int64_t M = 0, K = 0;
