@@ -8,6 +8,7 @@ calibration, QAT) can run in the background; `--table` prints the Markdown table
     python benchmarks/compression.py --row gptq --rows /tmp/h5/rows         # ~20 min on 1 core
     python benchmarks/compression.py --row qat --qat-dir /tmp/h5/qat --rows /tmp/h5/rows
     python benchmarks/compression.py --table --rows /tmp/h5/rows
+    python benchmarks/compression.py --speed --threads 2         # decode tok/s per layout, side by side
 
 Evaluation text: the last 1 MB of python-library-docs.txt, windows of --ctx tokens, each scoring
 its last ctx - 1 tokens (stride = ctx), the first --windows windows. Calibration: the first 2 MB.
@@ -131,9 +132,46 @@ def measure(row: str, args) -> dict:
             "threads": torch.get_num_threads(), **info}
 
 
+SPEED_ROWS = ("fp32", "int8", "int4", "int4-g32", "int4-head8", "ternary-ptq")  # one per runtime layout
+
+
+def speed(args) -> str:
+    """Decode tok/s of each runtime layout, side by side: every layout built once, then --repeat
+    alternating rounds (so drift hits all alike), medians and ratios to fp32. GPTQ / P-GPTQ rows
+    run the int4 layouts (int4, or int4-head8 with --head-bits 8) and QAT rows the ternary one:
+    same modules, same kernels, so the same speed."""
+    models = {}
+    for row in SPEED_ROWS:
+        model, _ = build(row, args)
+        models[row] = model.fuse()
+    if args.lut:  # the same ternary model in the plain layout: the pure-torch LUT decode
+        models["ternary-lut"] = plain_ternary(build("ternary-ptq", args)[0]).fuse()
+    runs = {row: [] for row in models}
+    for _ in range(args.repeat):
+        for row, model in models.items():
+            runs[row].append(decode_tok_s(model, repeat=1, gen=args.gen_tokens))
+    med = {row: statistics.median(r) for row, r in runs.items()}
+    lines = [f"decode tok/s, 32-token prompt + {args.gen_tokens} greedy tokens, {torch.get_num_threads()} thread(s), "
+             f"medians of {args.repeat} alternating rounds", "", "| layout | tok/s | vs fp32 | rounds |", "|---|---|---|---|"]
+    for row, v in med.items():
+        lines.append(f"| {LABELS[row]} | {v:.1f} | {v / med['fp32']:.2f}x | {', '.join(f'{x:.1f}' for x in runs[row])} |")
+    return "\n".join(lines)
+
+
+def plain_ternary(model):
+    from edgelm.quant.quantize import set_module
+    from edgelm.quant.ternary import BitLinear
+
+    for path, m in list(model.named_modules()):
+        if isinstance(m, BitLinear):
+            set_module(model, path, BitLinear.from_ternary(m.codes(), m.group_scales(), m.group_size, m.bias, "plain"))
+    return model
+
+
 LABELS = {"fp32": "fp32 (dequantized Q4_1)", "int8": "int8 RTN (per channel)", "int4": "int4 RTN",
           "int4-g32": "int4 RTN g32", "int4-head8": "int4 RTN, int8 LM head", "gptq": "int4 GPTQ", "p-gptq": "int4 P-GPTQ",
-          "ternary-ptq": "ternary post-training", "qat": "ternary QAT"}
+          "ternary-ptq": "ternary post-training", "qat": "ternary QAT",
+          "ternary-lut": "ternary, plain layout (torch LUT)"}
 
 
 def table(rows_dir: Path) -> str:
@@ -203,12 +241,18 @@ def main() -> None:
     p.add_argument("--qat-latent", default=None, help="row qat from a latent/stepN.safetensors checkpoint")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot-qat", default=None, help="write the QAT loss curve of --qat-dir to this PNG")
+    p.add_argument("--speed", action="store_true", help="decode tok/s of every runtime layout, side by side")
+    p.add_argument("--repeat", type=int, default=5, help="--speed: alternating rounds")
+    p.add_argument("--lut", action="store_true", help="--speed: add the ternary model's pure-torch LUT decode (slow)")
+    p.add_argument("--gen-tokens", type=int, default=64, help="--speed: greedy tokens per round")
     args = p.parse_args()
     if args.plot_qat:
         plot_qat(Path(args.qat_dir) / "qat.json", Path(args.plot_qat))
     torch.set_num_threads(args.threads)
     rows_dir = Path(args.rows)
     rows_dir.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+        print(speed(args), flush=True)
     for row in args.row:
         result = measure(row, args)
         (rows_dir / f"{row}{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(result, indent=2))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgelm import kernels
 from edgelm.loader import load
 from edgelm.quant.qat import QATConfig, eval_loss, finish_qat, prepare_qat, random_batches, train_qat
 from edgelm.quant.ternary import (
@@ -17,10 +18,14 @@ from edgelm.quant.ternary import (
     is_ternary_target,
     lut_matmul,
     pack_ternary,
+    pack_ternary_tiles,
+    scales_to_tiles,
     ternarize_model,
     ternary_params,
     ternary_values,
+    tiles_to_scales,
     unpack_ternary,
+    unpack_ternary_tiles,
 )
 
 torch.set_num_threads(1)
@@ -54,12 +59,82 @@ def test_pack_roundtrip_and_two_bits_per_weight():
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_packed_matmul_equals_reference(rows):
     lin = nn.Linear(192, 80, bias=True)
-    b = BitLinear.from_float(lin)
+    b = BitLinear.from_float(lin, 32)
+    plain = BitLinear.from_ternary(b.codes(), b.group_scales(), 32, lin.bias, layout="plain")
     x = torch.randn(rows, 192)
-    ref = F.linear(x, ternary_values(unpack_ternary(b.qweight), b.scales, 32), b.bias)  # unpack, then matmul
-    torch.testing.assert_close(lut_matmul(x, b.qweight, b.scales, 32) + b.bias, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b(x), ref, rtol=1e-5, atol=1e-5)  # whichever path forward picks
-    assert torch.equal(decode_ternary(b.qweight, b.scales, 32), b.dequantize())
+    ref = F.linear(x, ternary_values(unpack_ternary(plain.packed), plain.packed_scales, 32), b.bias)  # unpack, matmul
+    torch.testing.assert_close(lut_matmul(x, plain.packed, plain.packed_scales, 32) + b.bias, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain(x), ref, rtol=1e-5, atol=1e-5)  # whichever path forward picks
+    assert torch.equal(decode_ternary(plain.packed, plain.packed_scales, 32), plain.dequantize())
+    # the default layout (the C++ tile kernel where it is built): int16 activations, ~1e-5 relative
+    torch.testing.assert_close(b(x), ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(b.dequantize(), plain.dequantize())
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_tile_layout_roundtrip(group_size):
+    t = torch.randint(-1, 2, (24, 256), dtype=torch.int8)
+    s = torch.rand(24, 256 // group_size).to(torch.float16)
+    assert torch.equal(unpack_ternary_tiles(pack_ternary_tiles(t)), t)
+    assert torch.equal(tiles_to_scales(scales_to_tiles(s, group_size), group_size), s)
+    b = BitLinear.from_ternary(t, s, group_size, layout="tiles")
+    assert b.packed.shape == (24, 64) and b.packed_scales.shape == (24, 8)  # 2 bits + one fp16 per 32
+    assert torch.equal(b.codes(), t) and torch.equal(b.group_scales(), s)
+
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="edgelm's C++ kernels are not built")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 13, 40])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_tile_kernel_equals_reference(rows, group_size):
+    """The C++ ternary kernel (int16 activations per 32-block) against unpack-then-matmul; its
+    dequantize is bit-identical to the reference, and so is every row lookup."""
+    torch.manual_seed(rows)
+    lin = nn.Linear(256, 72, bias=True)
+    b = BitLinear.from_float(lin, group_size)
+    assert b.layout == "tiles"
+    x = torch.randn(rows, 256) * torch.logspace(-2, 1, 256)  # blocks of very different magnitudes
+    ref = F.linear(x, b.dequantize(), b.bias)
+    y = kernels.ext().linear(b.kernel_handle(), x)
+    assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
+    torch.testing.assert_close(b(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())  # kernel or dense path
+    assert torch.equal(kernels.ext().dequantize(b.kernel_handle()), b.dequantize())
+    rows_ = torch.tensor([0, 71, 8, 35])
+    assert torch.equal(b.lookup_rows(rows_), b.dequantize()[rows_])
+
+
+@needs_kernels
+@torch.inference_mode()
+def test_ternary_model_decodes_in_one_call_like_the_module_path(tmp_path):
+    """stories260K with ternary attention (its 172-row MLP does not fit 8-row tiles), saved and
+    reloaded: q/k/v fuse into one tiled BitLinear, the whole-model C++ decode step runs it, and its
+    logits match the module path's and the in-memory model's."""
+    from edgelm.convert import save_quantized
+    from edgelm.kernels import llama as fast
+
+    attention = lambda p, m: ".self_attn." in p  # noqa: E731
+    model = ternarize_model(load(STORIES, dtype=torch.float32, fuse=False), 32, attention, head=None)
+    save_quantized(model, tmp_path / "tern")
+    again = load(tmp_path / "tern", dtype=torch.float32)
+    qkv = again.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, BitLinear) and qkv.layout == "tiles" and qkv.out_features == 128
+    prompt = torch.tensor([[1, 403, 407, 261, 378, 9]])
+    ref = model(prompt)
+    assert (again(prompt) - ref).abs().max() < 1e-4 * ref.abs().max()  # int16 activations either way
+    caches = [again.make_cache(), again.make_cache()]
+    again.fast_decode = False
+    for c in caches:
+        again(prompt, c)
+    for t in [7, 11, 13]:
+        tokens = torch.tensor([[t]])
+        again.fast_decode = False
+        ref = again(tokens, caches[0])
+        again.fast_decode = True
+        assert fast.build(again) is not None  # the one-call step takes BitLinear
+        out = again(tokens, caches[1])
+        assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
 def test_ste_gradient_is_identity():
@@ -86,7 +161,7 @@ def test_qat_lowers_loss_below_post_ternarization(tmp_path):
 
     save_quantized(model, tmp_path / "tern")
     again = load(tmp_path / "tern", dtype=torch.float32)
-    assert isinstance(again.model.layers[0].mlp.up_proj, BitLinear)
+    assert isinstance(again.model.layers[0].mlp.gate_up_proj, BitLinear)  # fused on load, plain layout (172 rows)
     x = held[0][:2, :32]
     torch.testing.assert_close(again(x), model(x))
 

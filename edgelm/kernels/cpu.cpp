@@ -18,6 +18,12 @@
 //   int8: w (N, K) int8, scale (N,) bf16; W[n,k] = w * scale. Rows in tiles of 8 as for int4: tile t,
 //     block b is 256 bytes at w + (t * K/32 + b) * 256, sixteen 16-byte chunks c where byte i =
 //     w[8t + i/2, 32b + 2c + i%2]; the N % 8 tail rows are row-major.
+//   ternary "tiles" (BitLinear, edgelm/quant/ternary.py): codes c = t + 1 in 0..2, W[n,k] = (c - 1) *
+//     scale, w (N, K/4) uint8 and s (N, K/32) fp16, one scale per 32-weight block. Rows in tiles of 8:
+//     tile t, block b is 64 bytes at w + (t * K/32 + b) * 64, four 16-byte chunks c where byte i =
+//     sum_s code[8t + i/2, 32b + 2c + i%2 + 8s] << 2s (s = 0..3), and its scales are 8 fp16 at
+//     s + (t * K/32 + b) * 8. One load widens to an int16 vector of 4 k-pairs per 8 rows, shifts and
+//     masks peel them off as madd_epi16 operands, as for int4.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -653,6 +659,72 @@ void q8_tiles(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale
   }
 }
 
+// y[m, 8t + i] for ternary tiles t in [t0, t1) (header): as q4_tiles with 2-bit codes c = w + 1, so
+// per block dot(w, x) = dot(c, x) - sum(x): the int16 dot of the codes, then d * (xs * dot - xss).
+// A block is 64 bytes (vs int4's 128) for the same 16 madd_epi16 per row.
+template <int MB>
+void q2_tiles(const QActs& a, int64_t m0, const uint8_t* qs, const at::Half* sc, const float* bias, float* y, int64_t N,
+              int64_t t0, int64_t t1) {
+  const int64_t K = a.K, nb = K / QB;
+  const int16_t* xq = a.q.data() + m0 * K;
+  const float* xs = a.s.data() + m0 * nb;
+  const float* xss = a.ss.data() + m0 * nb;
+#ifdef EDGELM_AVX2
+  const __m256i* xv = a.pairs.data() + m0 * (K / 2);
+#endif
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wq = qs + t * nb * 64;
+    const at::Half* st = sc + t * nb * 8;
+#ifdef EDGELM_AVX2
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    const __m256i three = _mm256_set1_epi16(3);
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i dot[MB];
+      for (int m = 0; m < MB; ++m) dot[m] = _mm256_setzero_si256();
+      const uint8_t* p = wq + b * 64;
+      prefetch_lines<1>(p + kPrefetchBytes);
+      for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c)));
+        madd_rows<MB, true>(dot, _mm256_and_si256(v, three), xv + b * 16, xq + b * QB, K, c);  // k = 2c, 2c + 1
+        madd_rows<MB, true>(dot, _mm256_and_si256(_mm256_srli_epi16(v, 2), three), xv + b * 16, xq + b * QB, K, c + 4);
+        madd_rows<MB, true>(dot, _mm256_and_si256(_mm256_srli_epi16(v, 4), three), xv + b * 16, xq + b * QB, K, c + 8);
+        madd_rows<MB, true>(dot, _mm256_srli_epi16(v, 6), xv + b * 16, xq + b * QB, K, c + 12);
+      }
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st + b * 8)));
+      for (int m = 0; m < MB; ++m) {
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_mul_ps(d, _mm256_set1_ps(xs[m * nb + b])), acc[m]);
+        acc[m] = _mm256_fnmadd_ps(d, _mm256_set1_ps(xss[m * nb + b]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      __m256 v = acc[m];
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * t));
+      _mm256_storeu_ps(y + (m0 + m) * N + 8 * t, v);
+    }
+#else
+    for (int m = 0; m < MB; ++m) {
+      for (int i = 0; i < 8; ++i) {
+        float v = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          const int16_t* xb = xq + m * K + b * QB;
+          int sum = 0;
+          for (int c = 0; c < 4; ++c) {
+            for (int j = 0; j < 2; ++j) {
+              const uint8_t byte = wq[b * 64 + 16 * c + 2 * i + j];
+              for (int q = 0; q < 4; ++q) sum += ((byte >> (2 * q)) & 3) * xb[2 * c + j + 8 * q];
+            }
+          }
+          const float d = static_cast<float>(st[b * 8 + i]);
+          v += d * (xs[m * nb + b] * sum - xss[m * nb + b]);
+        }
+        y[(m0 + m) * N + 8 * t + i] = v + (bias ? bias[8 * t + i] : 0.f);
+      }
+    }
+#endif
+  }
+}
+
 // Calls f(std::integral_constant<int, MB>(), m) over rows [0, M) in chunks of MB <= MAX rows
 // starting at m: each chunk reads the weights once, and MB is a compile-time count of registers
 // (8 for the tile kernels: 8 rows' int32 sums plus the unpacked block fit the 16 ymm registers,
@@ -781,7 +853,7 @@ void f32_rows(const float* x, int64_t K, int64_t m0, const float* w, const float
 
 
 struct Linear {
-  int kind = 0;  // 0 dense fp32 (w (N, K)), 1 int4 blocks, 2 int8 per channel
+  int kind = 0;  // 0 dense fp32 (w (N, K)), 1 int4 blocks, 2 int8 per channel, 3 ternary tiles
   at::Tensor w, s, bias;
   int64_t N = 0, K = 0;
 
@@ -810,6 +882,12 @@ struct Linear {
       for_slices(tiles, std::max<int64_t>(1, grain_rows(K / 2) / 8), [&](int64_t t0, int64_t t1) {
         for_row_chunks<8>(M, [&](auto mb, int64_t m) { q4_tiles<decltype(mb)::value>(a, m, qs, sz, b, y, N, t0, t1); });
       });
+    } else if (kind == 3) {
+      const uint8_t* qs = w.data_ptr<uint8_t>();
+      const at::Half* sc = s.data_ptr<at::Half>();
+      for_slices(N / 8, std::max<int64_t>(1, grain_rows(K / 4) / 8), [&](int64_t t0, int64_t t1) {
+        for_row_chunks<8>(M, [&](auto mb, int64_t m) { q2_tiles<decltype(mb)::value>(a, m, qs, sc, b, y, N, t0, t1); });
+      });
     } else {
       const int8_t* wq = w.data_ptr<int8_t>();
       const uint16_t* sc = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
@@ -837,6 +915,11 @@ void check_linear(const Linear& l) {
   } else if (l.kind == 2) {
     TORCH_CHECK(l.w.scalar_type() == at::kChar && l.w.is_contiguous() && l.w.size(1) == l.K, "int8 weight must be (N, K) int8");
     TORCH_CHECK(l.s.scalar_type() == at::kBFloat16 && l.s.numel() == l.N, "int8 scales must be (N,) bf16");
+  } else if (l.kind == 3) {
+    TORCH_CHECK(l.w.scalar_type() == at::kByte && l.w.is_contiguous() && l.w.size(1) * 4 == l.K, "ternary codes must be (N, K/4) uint8");
+    TORCH_CHECK(l.s.scalar_type() == at::kHalf && l.s.is_contiguous() && l.s.numel() == l.N * (l.K / QB),
+                "ternary scales must be (N, K/32) fp16 (one per 32-block)");
+    TORCH_CHECK(l.N % 8 == 0, "ternary rows come in tiles of 8, got N = ", l.N);
   } else {
     TORCH_CHECK(false, "unknown linear kind ", l.kind);
   }
@@ -846,7 +929,7 @@ Linear make_linear(int64_t kind, at::Tensor w, at::Tensor s, c10::optional<at::T
   Linear l;
   l.kind = static_cast<int>(kind), l.w = w, l.s = s;
   l.N = w.size(0);
-  l.K = kind == 1 ? w.size(1) * 2 : w.size(1);
+  l.K = w.size(1) * (kind == 1 ? 2 : kind == 3 ? 4 : 1);
   if (bias) l.bias = *bias;
   check_linear(l);
   return l;
@@ -868,7 +951,8 @@ at::Tensor linear_forward(const Linear& l, at::Tensor x) {
   return y.view(shape);
 }
 
-// Row n of an int4/int8 Linear's weight in fp32, (q - 8) * d + z as dequantize_int4 (bit-identical).
+// Row n of a quantized Linear's weight in fp32, bit-identical to the torch reference (dequantize_int4,
+// int8 codes * scale, ternary_values).
 void dequantize_row(const Linear& l, int64_t n, float* row) {
   const int64_t K = l.K, nb = K / QB;
   if (l.kind == 1) {
@@ -885,6 +969,21 @@ void dequantize_row(const Linear& l, int64_t n, float* row) {
     }
     return;
   }
+  if (l.kind == 3) {
+    const uint8_t* qs = l.w.data_ptr<uint8_t>();
+    const at::Half* sc = l.s.data_ptr<at::Half>();
+    const int64_t t = n / 8, i = n % 8;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float d = static_cast<float>(sc[(t * nb + b) * 8 + i]);
+      for (int c = 0; c < 4; ++c) {
+        for (int j = 0; j < 2; ++j) {
+          const uint8_t byte = qs[(t * nb + b) * 64 + 16 * c + 2 * i + j];
+          for (int q = 0; q < 4; ++q) row[b * QB + 2 * c + j + 8 * q] = static_cast<float>(((byte >> (2 * q)) & 3) - 1) * d;
+        }
+      }
+    }
+    return;
+  }
   const int8_t* w = l.w.data_ptr<int8_t>();
   const float sc = bf16_to_float(reinterpret_cast<const uint16_t*>(l.s.data_ptr<at::BFloat16>())[n]);
   if (n < l.N / 8 * 8) {  // tile n / 8, row n % 8: byte 16c + 2i + j of each block's 256
@@ -895,10 +994,10 @@ void dequantize_row(const Linear& l, int64_t n, float* row) {
   }
 }
 
-// The dense fp32 weight (N, K) of an int4/int8 Linear: prompts of many rows run dequantize + GEMM,
+// The dense fp32 weight (N, K) of a quantized Linear: prompts of many rows run dequantize + GEMM,
 // and torch ops take ~1.5 ns per weight to unpack and scale; this is one pass at memory speed.
 at::Tensor dequantize(const Linear& l) {
-  TORCH_CHECK(l.kind == 1 || l.kind == 2, "dequantize takes an int4 or int8 Linear");
+  TORCH_CHECK(l.kind != 0, "dequantize takes a quantized Linear");
   auto out = at::empty({l.N, l.K}, at::kFloat);
   float* o = out.data_ptr<float>();
   pybind11::gil_scoped_release release;
@@ -911,7 +1010,7 @@ at::Tensor dequantize(const Linear& l) {
 // Rows `rows` (R,) int64 of the weight, (R, K) fp32: a quantized tied embedding's lookups (a decode
 // step's token costs ~1 us here, ~0.4 ms through the torch unpacking ops).
 at::Tensor dequantize_rows(const Linear& l, const at::Tensor& rows) {
-  TORCH_CHECK(l.kind == 1 || l.kind == 2, "dequantize_rows takes an int4 or int8 Linear");
+  TORCH_CHECK(l.kind != 0, "dequantize_rows takes a quantized Linear");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1, "rows must be a 1-d int64 tensor");
   const auto r = rows.contiguous();
   const int64_t R = r.numel();
@@ -1188,10 +1287,10 @@ class LlamaDecoder {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Linear>(m, "Linear").def_readonly("N", &Linear::N).def_readonly("K", &Linear::K).def_readonly("kind", &Linear::kind);
-  m.def("make_linear", &make_linear, "kind 0 dense / 1 int4 blocks / 2 int8; (w, s, bias)");
+  m.def("make_linear", &make_linear, "kind 0 dense / 1 int4 blocks / 2 int8 / 3 ternary tiles; (w, s, bias)");
   m.def("linear", &linear_forward, "x (..., K) fp32 -> (..., N) fp32");
-  m.def("dequantize", &dequantize, "int4/int8 Linear -> its fp32 weight (N, K)");
-  m.def("dequantize_rows", &dequantize_rows, "int4/int8 Linear, rows (R,) int64 -> W[rows] (R, K) fp32");
+  m.def("dequantize", &dequantize, "quantized Linear -> its fp32 weight (N, K)");
+  m.def("dequantize_rows", &dequantize_rows, "quantized Linear, rows (R,) int64 -> W[rows] (R, K) fp32");
   m.def("sparse_attention", &sparse_attention,
         "InfLLM v2 attention: (q, k, v, kernels, pos0, [block, ksize, kstride, init, window, topk, dense_len], scale)");
   m.def("mamba_step", &mamba_step, "one Mamba-2 decode token between in_proj and out_proj",

@@ -487,11 +487,15 @@ def to_quantized(linear: nn.Linear, method: str, group_size: int = 32, symmetric
     return quantize_weight_module(linear.weight.detach(), method, group_size, symmetric, linear.bias)
 
 
-def fuse_quantized(linears: list[nn.Module]) -> Int4Linear | Int8Linear | None:
+def fuse_quantized(linears: list[nn.Module]) -> nn.Module | None:
     """Concatenate same-kind quantized linears along the output (the q/k/v or gate/up fusion);
     None when they cannot share one kernel (mixed kinds or group sizes, as in Q4_K_M files)."""
+    from edgelm.quant.ternary import BitLinear  # ternary.py builds on this module
+
     first = linears[0]
     same = all(type(m) is type(first) and m.in_features == first.in_features for m in linears)
+    if same and isinstance(first, BitLinear):
+        return BitLinear.concat(linears)
     if not same or not isinstance(first, QUANTIZED_LINEARS):
         return None
     bias = None

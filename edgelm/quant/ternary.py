@@ -5,12 +5,13 @@ Quantizer (BitCPM follow-up report, ../shared/docs/TECHNIQUES.md §3): per group
 and for training the straight-through estimator W + sg(t·s - W): the forward sees the ternary
 weight, the gradient flows to the latent full-precision W as if quantization were the identity.
 
-`BitLinear` is the inference module: codes packed 4 to a byte (2 bits per weight, code = t + 1,
-weight 4j + i in bits 2i..2i+1 of byte j) plus fp16 group scales (0.5 bit per weight at group 32).
-Its packed matmul never expands the weight: for each activation row it builds a table of the 256
-possible dot products of 4 consecutive inputs with 4 ternary digits (a (K/4, 256) lookup table, as
-T-MAC / bitnet.cpp's LUT kernels do), then each output is a sum of K/4 table reads selected by the
-code bytes, and the group sums are scaled. Reference: unpack, scale, F.linear (`dequantize`).
+`BitLinear` is the inference module: 2 bits per weight (code = t + 1) plus fp16 group scales (0.5 bit
+per weight at group 32). Where edgelm's C++ kernels run, its codes sit in their tile order and few
+rows (decode) run the int16-activation tile kernel (kernels/cpu.cpp `q2_tiles`: 16 madd_epi16 per
+32-block and row, as int4, from half the bytes). Without them, one row runs `lut_matmul`: for each
+activation row a table of the 256 possible dot products of 4 consecutive inputs with 4 ternary
+digits (T-MAC / bitnet.cpp's LUT idea), then each output sums K/4 table reads selected by the code
+bytes. Reference for both: unpack, scale, F.linear (`dequantize`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgelm import kernels
+from edgelm.quant.linear import _QuantLinear
+from edgelm.quant.primitives import BLOCK, TILE
 
 TERNARY_GROUP = 32
 EPS = 1e-5  # the ε of s = max(mean|W|, ε): all-zero groups stay zero
@@ -127,22 +132,69 @@ def _row_offsets(J: int) -> torch.Tensor:
     return torch.arange(0, J * 256, 256)
 
 
-class BitLinear(nn.Module):
+def pack_ternary_tiles(t: torch.Tensor) -> torch.Tensor:
+    """t (N, K) in {-1, 0, 1} -> (N, K/4) uint8 in the C++ kernel's tile order (kernels/cpu.cpp
+    header; N % 8 == 0, K % 32 == 0): bytes ordered (tile, block, c, row, pair), each holding the
+    codes of k = 32 block + 2 c + pair + 8 s in bits 2s..2s+1."""
+    N, K = t.shape
+    c = (t.to(torch.int16) + 1).to(torch.uint8).reshape(N // TILE, TILE, K // BLOCK, 4, 4, 2)  # (tile, row, block, s, c, pair)
+    c = c.permute(0, 2, 4, 1, 5, 3)  # (tile, block, c, row, pair, s)
+    return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).reshape(N, K // 4)
+
+
+def unpack_ternary_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_ternary_tiles`: (N, K/4) uint8 -> t (N, K) int8."""
+    N, J = packed.shape
+    b = packed.reshape(N // TILE, J // 8, 4, TILE, 2)  # (tile, block, c, row, pair)
+    c = torch.stack([(b >> (2 * s)) & 3 for s in range(4)], dim=-1)  # (..., s)
+    return (c.permute(0, 3, 1, 5, 2, 4).view(torch.int8) - 1).reshape(N, 4 * J)
+
+
+def scales_to_tiles(scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, G) group scales -> (N, K/32) fp16, one per 32-block in tile order (tile, block, row)."""
+    per_block = scales.to(torch.float16).repeat_interleave(group_size // BLOCK, dim=1)  # (N, K/32)
+    N, nb = per_block.shape
+    return per_block.reshape(N // TILE, TILE, nb).transpose(1, 2).reshape(N, nb).contiguous()
+
+
+def tiles_to_scales(tiled: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of `scales_to_tiles`: (N, K/32) -> (N, G) fp16."""
+    N, nb = tiled.shape
+    per_block = tiled.reshape(N // TILE, nb, TILE).transpose(1, 2).reshape(N, nb)
+    return per_block[:, :: group_size // BLOCK].contiguous()
+
+
+def default_ternary_layout(out_features: int, group_size: int) -> str:
+    """"tiles" (edgelm's C++ kernel) when it is built and the shape fits it (rows in tiles of 8,
+    groups of whole 32-blocks), else "plain" (the torch LUT / decode paths)."""
+    fits = out_features % TILE == 0 and group_size % BLOCK == 0
+    return "tiles" if fits and kernels.available() else "plain"
+
+
+class BitLinear(_QuantLinear):
     """Inference linear with packed ternary weights: W = t · s, 2 bits per weight + fp16 scales.
 
-    Buffers (also the saved format, portable as is): `qweight` (N, K/4) uint8, `scales` (N, G)
-    fp16. One row (decode) runs `lut_matmul`; more rows decode W once per call (`decode_ternary`)
-    and run one dense GEMM, whose cost does not grow with the rows the way table building does.
+    Runtime buffers in `layout` (not saved as such): `packed` (N, K/4) uint8 and `packed_scales`
+    fp16. "tiles" (default where edgelm's kernels run): the C++ tile order and one scale per
+    32-block (`pack_ternary_tiles`, `scales_to_tiles`); the int16-activation kernel runs up to
+    `min_rows` rows, more rows its C++ dequantize + one GEMM. "plain": `pack_ternary` order and
+    (N, G) scales; one row runs `lut_matmul`, more rows `decode_ternary` + one GEMM. The saved
+    format is portable whatever the layout: `qweight` (N, K/4) in `pack_ternary` order and `scales`
+    (N, G) fp16. Reference: `dequantize()` (unpack, then scale).
     """
 
-    dense_min_rows = 2  # the table costs grow with the rows: only decode (1 row) uses it
+    min_rows = {"tiles": 24, "plain": 2}  # the int4 blocks crossover holds here too (same kernel shape)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = TERNARY_GROUP):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = TERNARY_GROUP,
+                 layout: str | None = None):
         check_ternary_shape(out_features, in_features, group_size)
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 4, dtype=torch.uint8))
-        self.register_buffer("scales", torch.zeros(out_features, in_features // group_size, dtype=torch.float16))
+        self.layout = layout or default_ternary_layout(out_features, group_size)
+        self.dequant_min_rows = self.min_rows[self.layout]
+        cols = in_features // (BLOCK if self.layout == "tiles" else group_size)
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 4, dtype=torch.uint8), persistent=False)
+        self.register_buffer("packed_scales", torch.zeros(out_features, cols, dtype=torch.float16), persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
@@ -153,36 +205,88 @@ class BitLinear(nn.Module):
         return cls.from_ternary(t, s, group_size, linear.bias)
 
     @classmethod
-    def from_ternary(cls, t: torch.Tensor, scales: torch.Tensor, group_size: int, bias=None) -> "BitLinear":
+    def from_ternary(cls, t: torch.Tensor, scales: torch.Tensor, group_size: int, bias=None,
+                     layout: str | None = None) -> "BitLinear":
         N, K = t.shape
-        m = cls(K, N, bias is not None, group_size)
-        m.qweight, m.scales = pack_ternary(t), scales.to(torch.float16)
+        m = cls(K, N, bias is not None, group_size, layout)
+        m.set_ternary(t, scales)
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         return m
 
+    @classmethod
+    def concat(cls, linears: list["BitLinear"]) -> "BitLinear | None":
+        """One BitLinear whose output rows are the given ones' (the q/k/v or gate/up fusion): the
+        tile and plain layouts both concatenate by rows. None for mixed group sizes or layouts."""
+        first = linears[0]
+        if any(m.group_size != first.group_size or m.layout != first.layout or m.in_features != first.in_features
+               for m in linears):
+            return None
+        N = sum(m.out_features for m in linears)
+        fused = cls(first.in_features, N, any(m.bias is not None for m in linears), first.group_size, first.layout)
+        fused.packed = torch.cat([m.packed for m in linears])
+        fused.packed_scales = torch.cat([m.packed_scales for m in linears])
+        if fused.bias is not None:
+            biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in linears]
+            fused.bias = nn.Parameter(torch.cat(biases).float(), requires_grad=False)
+        return fused
+
+    def set_ternary(self, t: torch.Tensor, scales: torch.Tensor) -> None:
+        """Store codes t (N, K) and group scales (N, G) in this module's layout."""
+        if self.layout == "tiles":
+            self.packed, self.packed_scales = pack_ternary_tiles(t), scales_to_tiles(scales, self.group_size)
+        else:
+            self.packed, self.packed_scales = pack_ternary(t), scales.to(torch.float16).contiguous()
+
     def codes(self) -> torch.Tensor:
-        return unpack_ternary(self.qweight)
+        """t (N, K) int8 in {-1, 0, 1}."""
+        return unpack_ternary_tiles(self.packed) if self.layout == "tiles" else unpack_ternary(self.packed)
+
+    def group_scales(self) -> torch.Tensor:
+        """(N, G) fp16."""
+        return tiles_to_scales(self.packed_scales, self.group_size) if self.layout == "tiles" else self.packed_scales
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The reference weight (N, K): unpack, then scale."""
-        return ternary_values(self.codes(), self.scales, self.group_size).to(dtype)
+        return ternary_values(self.codes(), self.group_scales(), self.group_size).to(dtype)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return ternary_values(unpack_ternary(self.qweight[rows]), self.scales[rows], self.group_size)
+        return self.dequantize()[rows.reshape(-1).long()]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows >= self.dense_min_rows:
-            y = F.linear(x, decode_ternary(self.qweight, self.scales, self.group_size, x.dtype))
-        else:
-            x2 = x.reshape(rows, self.in_features)
-            y = lut_matmul(x2, self.qweight, self.scales, self.group_size).reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+    def kernel_handle(self):
+        return self._edgelm_kernel(3, self.packed, self.packed_scales) if self.layout == "tiles" else None
+
+    def torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        y = lut_matmul(x, self.packed, self.packed_scales, self.group_size)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.layout == "plain":  # one table lookup per byte, ~1.6x the reference
+            return decode_ternary(self.packed, self.packed_scales, self.group_size, dtype)
+        return super().dense_weight(dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias
+        destination[prefix + "qweight"] = pack_ternary(self.codes())
+        destination[prefix + "scales"] = self.group_scales()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        qkey, skey = prefix + "qweight", prefix + "scales"
+        if qkey in state_dict and skey in state_dict:
+            q, s = state_dict[qkey], state_dict[skey]
+            G = self.in_features // self.group_size
+            if q.shape != (self.out_features, self.in_features // 4) or s.shape != (self.out_features, G):
+                errors.append(f"{prefix}: ternary qweight {tuple(q.shape)} / scales {tuple(s.shape)} do not fit "
+                              f"({self.out_features}, {self.in_features}) with group size {self.group_size}")
+            else:
+                self.set_ternary(unpack_ternary(q), s)
+        elif strict:
+            missing.extend(k for k in (qkey, skey) if k not in state_dict)
+        rest = {k: v for k, v in state_dict.items() if k not in (qkey, skey)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group_size={self.group_size}")
+        return f"{super().extra_repr()}, group_size={self.group_size}, layout={self.layout}"
 
 
 # ---- whole models ------------------------------------------------------------------------------
