@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = ROOT.parent / "shared/data/python-library-docs.txt"
 EVAL_CHARS = 1_000_000
-ROWS = ("fp32", "int8", "int4", "int4-head8", "int4-g32", "gptq", "p-gptq", "ternary-ptq", "qat")
+ROWS = ("fp32", "int8", "int4", "int4-head8", "int4-g32", "int4-g32-head8", "gptq", "p-gptq", "ternary-ptq", "qat")
 
 
 def eval_ids(tokenizer, ctx: int, windows: int) -> list[int]:
@@ -73,11 +73,12 @@ def build(row: str, args):
         method, group = ("int8", 32) if row == "int8" else ("int4", 32 if row == "int4-g32" else args.group_size)
         quantize_model(model, method, group, predicate=lambda p, m: is_default_target(p, m) and can_quantize(m, method, group))
         return model, ({} if method == "int8" else {"group_size": group})
-    if row == "int4-head8":  # int4 decoder layers, int8 LM head / tied embedding: where the error is
-        layers = lambda p, m: ".layers." in f".{p}" and can_quantize(m, "int4", args.group_size)  # noqa: E731
-        quantize_model(model, "int4", args.group_size, predicate=layers)
+    if row in ("int4-head8", "int4-g32-head8"):  # int4 decoder layers, int8 LM head / tied embedding
+        group = 32 if row == "int4-g32-head8" else args.group_size
+        layers = lambda p, m: ".layers." in f".{p}" and can_quantize(m, "int4", group)  # noqa: E731
+        quantize_model(model, "int4", group, predicate=layers)
         quantize_model(model, "int8", predicate=lambda p, m: p == "lm_head")
-        return model, {"group_size": args.group_size}
+        return model, {"group_size": group}
     if row in ("gptq", "p-gptq"):
         from edgelm.quant.gptq import calibration_tokens, gptq_quantize
 
@@ -132,13 +133,14 @@ def measure(row: str, args) -> dict:
             "threads": torch.get_num_threads(), **info}
 
 
-SPEED_ROWS = ("fp32", "int8", "int4", "int4-g32", "int4-head8", "ternary-ptq")  # one per runtime layout
+SPEED_ROWS = ("fp32", "int8", "int4", "int4-g32", "int4-head8", "int4-g32-head8", "ternary-ptq")  # one per layout
 
 
 def speed(args) -> str:
     """Decode tok/s of each runtime layout, side by side: every layout built once, then --repeat
     alternating rounds (so drift hits all alike), medians and ratios to fp32. GPTQ / P-GPTQ rows
-    run the int4 layouts (int4, or int4-head8 with --head-bits 8) and QAT rows the ternary one:
+    run the int4 layouts (int4 / int4-g32, with --head-bits 8 int4-head8 / int4-g32-head8) and QAT
+    rows the ternary one:
     same modules, same kernels, so the same speed."""
     models = {}
     for row in SPEED_ROWS:
@@ -151,8 +153,9 @@ def speed(args) -> str:
         for row, model in models.items():
             runs[row].append(decode_tok_s(model, repeat=1, gen=args.gen_tokens))
     med = {row: statistics.median(r) for row, r in runs.items()}
-    lines = [f"decode tok/s, 32-token prompt + {args.gen_tokens} greedy tokens, {torch.get_num_threads()} thread(s), "
-             f"medians of {args.repeat} alternating rounds", "", "| layout | tok/s | vs fp32 | rounds |", "|---|---|---|---|"]
+    title = (f"decode tok/s, 32-token prompt + {args.gen_tokens} greedy tokens, {torch.get_num_threads()} thread(s), "
+             f"medians of {args.repeat} alternating rounds")
+    lines = [title, "", "| layout | tok/s | vs fp32 | rounds |", "|---|---|---|---|"]
     for row, v in med.items():
         lines.append(f"| {LABELS[row]} | {v:.1f} | {v / med['fp32']:.2f}x | {', '.join(f'{x:.1f}' for x in runs[row])} |")
     return "\n".join(lines)
@@ -169,7 +172,8 @@ def plain_ternary(model):
 
 
 LABELS = {"fp32": "fp32 (dequantized Q4_1)", "int8": "int8 RTN (per channel)", "int4": "int4 RTN",
-          "int4-g32": "int4 RTN g32", "int4-head8": "int4 RTN, int8 LM head", "gptq": "int4 GPTQ", "p-gptq": "int4 P-GPTQ",
+          "int4-g32": "int4 RTN g32", "int4-head8": "int4 RTN, int8 LM head",
+          "int4-g32-head8": "int4 RTN g32, int8 LM head", "gptq": "int4 GPTQ", "p-gptq": "int4 P-GPTQ",
           "ternary-ptq": "ternary post-training", "qat": "ternary QAT",
           "ternary-lut": "ternary, plain layout (torch LUT)"}
 

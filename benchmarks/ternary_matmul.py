@@ -37,6 +37,17 @@ def median_ms(f, repeat: int = 7, budget_s: float = 0.05) -> float:
     return statistics.median(runs)
 
 
+@torch.inference_mode()
+def time_row(x, fp, q8, q4, tern, plain, no_lut: bool) -> tuple[float, ...]:
+    ext = kernels.ext()
+    times = [median_ms(lambda h=h: ext.linear(h, x)) for h in (fp, q8.kernel_handle(), q4.kernel_handle(), tern.kernel_handle())]
+    if no_lut:
+        return (*times, float("nan"), float("nan"))
+    lut = median_ms(lambda: lut_matmul(x, plain.packed, plain.packed_scales, 32), repeat=3)
+    ref = median_ms(lambda: F.linear(x, ternary_values(unpack_ternary(plain.packed), plain.packed_scales, 32)), repeat=3)
+    return (*times, lut, ref)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -55,20 +66,8 @@ def main() -> None:
         plain = BitLinear.from_ternary(tern.codes(), tern.group_scales(), 32, layout="plain")
         q4, q8 = Int4Linear.from_float(lin, 32), Int8Linear.from_float(lin)
         fp = kernels.dense_handle(lin)
-        ext = kernels.ext()
         for M in (int(r) for r in args.rows.split(",")):
-            x = torch.randn(M, K)
-            with torch.inference_mode():
-                t_fp = median_ms(lambda: ext.linear(fp, x))
-                t8 = median_ms(lambda: ext.linear(q8.kernel_handle(), x))
-                t4 = median_ms(lambda: ext.linear(q4.kernel_handle(), x))
-                t2 = median_ms(lambda: ext.linear(tern.kernel_handle(), x))
-                if args.no_lut:
-                    lut = ref = float("nan")
-                else:
-                    lut = median_ms(lambda: lut_matmul(x, plain.packed, plain.packed_scales, 32), repeat=3)
-                    ref = median_ms(lambda: F.linear(x, ternary_values(unpack_ternary(plain.packed),
-                                                                       plain.packed_scales, 32)), repeat=3)
+            t_fp, t8, t4, t2, lut, ref = time_row(torch.randn(M, K), fp, q8, q4, tern, plain, args.no_lut)
             print(f"| {N} x {K} | {M} | {t_fp:.3f} | {t8:.3f} | {t4:.3f} | {t2:.3f} | {lut:.2f} | {ref:.2f} "
                   f"| {t2 / t_fp:.2f}x | {t2 / t4:.2f}x |", flush=True)
 

@@ -17,6 +17,7 @@ bytes. Reference for both: unpack, scale, F.linear (`dequantize`).
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +184,7 @@ class BitLinear(_QuantLinear):
     (N, G) fp16. Reference: `dequantize()` (unpack, then scale).
     """
 
-    min_rows = {"tiles": 24, "plain": 2}  # the int4 blocks crossover holds here too (same kernel shape)
+    min_rows: ClassVar[dict[str, int]] = {"tiles": 24, "plain": 2}  # the int4 blocks crossover holds here too (same kernel shape)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = TERNARY_GROUP,
                  layout: str | None = None):
@@ -198,7 +199,7 @@ class BitLinear(_QuantLinear):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int | None = None) -> "BitLinear":
+    def from_float(cls, linear: nn.Linear, group_size: int | None = None) -> BitLinear:
         """Ternarize an nn.Linear (or a trained TernaryLinear, with its own group size)."""
         group_size = group_size or getattr(linear, "group_size", TERNARY_GROUP)
         t, s = ternary_params(linear.weight.detach(), group_size)
@@ -206,7 +207,7 @@ class BitLinear(_QuantLinear):
 
     @classmethod
     def from_ternary(cls, t: torch.Tensor, scales: torch.Tensor, group_size: int, bias=None,
-                     layout: str | None = None) -> "BitLinear":
+                     layout: str | None = None) -> BitLinear:
         N, K = t.shape
         m = cls(K, N, bias is not None, group_size, layout)
         m.set_ternary(t, scales)
@@ -215,7 +216,7 @@ class BitLinear(_QuantLinear):
         return m
 
     @classmethod
-    def concat(cls, linears: list["BitLinear"]) -> "BitLinear | None":
+    def concat(cls, linears: list[BitLinear]) -> BitLinear | None:
         """One BitLinear whose output rows are the given ones' (the q/k/v or gate/up fusion): the
         tile and plain layouts both concatenate by rows. None for mixed group sizes or layouts."""
         first = linears[0]
