@@ -86,6 +86,7 @@ def build(row: str, args):
         tokens = calibration_tokens(model.tokenizer, TEXT, args.samples, args.seq_len)
         t0 = time.perf_counter()
         opts = dict(act_order=args.act_order, mse=args.mse, head_bits=args.head_bits, head_gptq=args.head_gptq,
+                    true_sequential=args.true_sequential,
                     prefix_weight=args.prefix_weight if skip else 0.0, prefix_spike=args.prefix_spike if skip else None)
         gptq_quantize(model, tokens, bits=4, group_size=args.group_size, prefix_skip=skip, **opts)
         return model, {"group_size": args.group_size, "calib": f"{args.samples}x{args.seq_len}",
@@ -185,7 +186,7 @@ def table(rows_dir: Path) -> str:
     lines = ["| model | PPL | Δ vs fp32 | size on disk (MB) | decode tok/s (shared CPU, not comparable) | notes |",
              "|---|---|---|---|---|---|"]
     keys = ("group_size", "calib", "prefix_skip", "prefix_weight", "prefix_spike", "act_order", "mse", "head_bits", "head_gptq",
-            "steps", "train_tokens")
+            "true_sequential", "steps", "train_tokens")
     for _, r in found:
         name = r["row"]
         delta = f"{100 * (r['ppl'] / base['ppl'] - 1):+.4g}%" if base else "n/a"
@@ -240,6 +241,7 @@ def main() -> None:
     p.add_argument("--mse", action="store_true", help="gptq rows: clip-searched int4 group ranges")
     p.add_argument("--head-bits", type=int, choices=[4, 8], default=4, help="gptq rows: LM head bits")
     p.add_argument("--head-gptq", action="store_true", help="gptq rows: GPTQ the LM head too")
+    p.add_argument("--true-sequential", action="store_true", help="gptq rows: H per input group after the ones before")
     p.add_argument("--tag", default="", help="row variant: results go to ROW-TAG.json (a separate table line)")
     p.add_argument("--qat-dir", default="/tmp/h5/qat")
     p.add_argument("--qat-latent", default=None, help="row qat from a latent/stepN.safetensors checkpoint")

@@ -156,6 +156,8 @@ def add_quantize_parser(sub) -> None:
     q.add_argument("--mse", action="store_true", help="gptq: int4 group ranges by clip search (min weighted error)")
     q.add_argument("--head-bits", type=int, choices=[4, 8], default=None, help="gptq: LM head bits (default --bits)")
     q.add_argument("--head-gptq", action="store_true", help="gptq: GPTQ the LM head too (default: round to nearest)")
+    q.add_argument("--true-sequential", action="store_true",
+                   help="gptq: within a layer, each input group's H after the groups before it are quantized")
     q.add_argument("--prefix-weight", type=float, default=0.0,
                    help="p-gptq: keep the first --prefix-skip positions in H at this weight (0: leave them out)")
     q.add_argument("--prefix-spike", type=float, default=None,

@@ -18,6 +18,7 @@ from edgelm.quant.gptq import (
     gptq_quantize,
     gptq_quantize_from_args,
     gptq_weight,
+    input_groups,
     layer_inputs,
     mse_group_params,
     reconstruction_error,
@@ -103,6 +104,25 @@ def test_pgptq_with_skip_0_equals_gptq(calib):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # the skip does change H
     assert a.config.quantization["method"] == "gptq" and c.config.quantization["method"] == "p-gptq"
     assert len(a.config.quantization["modules"]) == 5 * 4 + 2  # attention linears, LM head, tied embedding
+
+
+def test_true_sequential_groups_and_hessians(stories, calib):
+    """True-sequential GPTQ: a layer's targets group by shared input in call order; the first group
+    (q/k/v of layer 0) sees the same H either way, the next (o_proj) sees the quantized attention."""
+    layer = stories.layers[0]
+    targets = {p: m for p, m in stories.named_modules() if isinstance(m, nn.Linear) and p.startswith("model.layers.0.")}
+    with torch.no_grad():
+        caps = capture_hessians(stories, layer, layer_inputs(stories, as_batches(calib, 8)), targets, {})
+    names = [[p.rsplit(".", 1)[-1] for p in g] for g in input_groups(caps)]
+    assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    pred = lambda p, m: is_default_target(p, m) and can_quantize(m, "int8")  # noqa: E731
+    kw = dict(bits=8, predicate=pred, progress=False)
+    a = gptq_quantize(load(STORIES, dtype=torch.float32, fuse=False), calib, **kw).state_dict()
+    b = gptq_quantize(load(STORIES, dtype=torch.float32, fuse=False), calib, true_sequential=True, **kw).state_dict()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(a[f"model.layers.0.self_attn.{name}.qweight"], b[f"model.layers.0.self_attn.{name}.qweight"])
+    for name in ("self_attn.o_proj", "mlp.gate_proj"):  # down_proj (172 inputs) stays fp32 here
+        assert not torch.equal(a[f"model.layers.0.{name}.qweight"], b[f"model.layers.0.{name}.qweight"])
 
 
 def test_gptq_model_is_close_to_fp(stories, calib):

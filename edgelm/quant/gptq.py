@@ -17,6 +17,7 @@ and the layer is run again (now quantized) to produce the next layer's inputs.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from edgelm.quant.quantize import (
     tied_embeddings,
 )
 
+_CALLS = itertools.count()  # HessianCapture.first_call order
 CALIB_CHARS = 2_000_000  # calibrate on the first 2 MB of the text (the last 1 MB is for evaluation)
 
 
@@ -73,12 +75,15 @@ class HessianCapture(nn.Module):
         self.Hp = torch.zeros(K, K, dtype=torch.float64) if prefix_skip else None  # positions < prefix_skip
         self.rows, self.prefix_rows, self.peak, self.prefix_peak = 0, 0, 0.0, 0.0
         self.shared = {} if shared is None else shared
+        self.first_call: tuple[int, int] | None = None  # (call order, id of its input): true-sequential groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.add(x)
         return self.linear(x)
 
     def add(self, x: torch.Tensor) -> None:
+        if self.first_call is None:
+            self.first_call = (next(_CALLS), id(x))
         key = (id(x), self.prefix_skip)
         if key not in self.shared or self.shared[key][0] is not x:
             split = self.prefix_skip if x.dim() == 3 else 0
@@ -345,6 +350,7 @@ def gptq_quantize(
     mse: bool = False,
     head_bits: int | None = None,
     head_gptq: bool = False,
+    true_sequential: bool = False,
     predicate=None,
     batch_size: int = 8,
     progress: bool = True,
@@ -357,7 +363,8 @@ def gptq_quantize(
     `prefix_weight` (0..1, with prefix_skip > 0): positions < prefix_skip stay in H at that weight
     instead of being left out; `prefix_spike` r: only in linears whose input peaks over those
     positions exceed r times the peak over the rest (`HessianCapture`). `mse`: clip-searched group ranges (`mse_group_params`), also for a
-    round-to-nearest int4 head."""
+    round-to-nearest int4 head. `true_sequential`: within a layer, each input group's H is taken
+    after the groups before it are quantized (`_quantize_layer`)."""
     predicate = predicate or is_default_target
     all_targets = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear) and predicate(p, m)}
     check_targets(model, all_targets, bits, group_size)
@@ -379,7 +386,7 @@ def gptq_quantize(
     for layer in _progress(list(model.layers), progress, "GPTQ layers"):
         prefix = next(p for p, m in model.named_modules() if m is layer) + "."
         targets = {p: rest.pop(p) for p in list(rest) if p.startswith(prefix)}
-        _quantize_layer(model, layer, states, targets, capture, settings)
+        _quantize_layer(model, layer, states, targets, capture, settings, true_sequential)
         states = [(layer(h, None, ctx), ctx) for h, ctx in states]  # inputs of the next layer
     head = {**settings, "bits": head_bits}
     if head_gptq and rest:  # the final norm's output is what the LM head multiplies
@@ -417,11 +424,36 @@ def capture_hessians(model, layer, states, targets: dict, capture: dict) -> dict
     return wrappers
 
 
-def _quantize_layer(model, layer, states, targets: dict, capture: dict, settings: dict) -> None:
-    """Capture every target's H in one pass through `layer`, then GPTQ each target."""
-    for p, w in capture_hessians(model, layer, states, targets, capture).items():
-        codes, grid, _ = gptq_weight(w.linear.weight, w.hessian(), **settings)
-        set_module(model, p, to_kernel_module(codes, grid, w.linear.bias))
+def input_groups(wrappers: dict[str, HessianCapture]) -> list[list[str]]:
+    """The targets in the order the layer first called them, grouped by shared input: a Llama
+    layer gives [q, k, v], [o], [gate, up], [down]."""
+    order = sorted(wrappers, key=lambda p: wrappers[p].first_call[0])
+    groups: list[list[str]] = []
+    for p in order:
+        if groups and wrappers[groups[-1][0]].first_call[1] == wrappers[p].first_call[1]:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
+
+
+def _quantize_layer(model, layer, states, targets: dict, capture: dict, settings: dict, sequential: bool = False) -> None:
+    """Capture every target's H in one pass through `layer`, then GPTQ each target. `sequential`
+    (the GPTQ reference's --true-sequential): one input group at a time, each group's H captured
+    again with the groups before it already quantized, so o_proj and down_proj fit the inputs the
+    quantized q/k/v and gate/up actually produce."""
+    wrappers = capture_hessians(model, layer, states, targets, capture)
+    missing = [p for p, w in wrappers.items() if w.first_call is None]
+    if missing:
+        raise ValueError(f"no calibration input reached {missing[:3]}: the layer never called them")
+    groups = input_groups(wrappers) if sequential else [list(wrappers)]
+    for i, group in enumerate(groups):
+        if i:
+            wrappers = capture_hessians(model, layer, states, {p: targets[p] for p in group}, capture)
+        for p in group:
+            w = wrappers[p]
+            codes, grid, _ = gptq_weight(w.linear.weight, w.hessian(), **settings)
+            set_module(model, p, to_kernel_module(codes, grid, w.linear.bias))
 
 
 def _progress(items, enabled: bool, desc: str):
@@ -457,7 +489,7 @@ def calibration_tokens(tokenizer, text_path: str | Path, samples: int, seq_len: 
 def gptq_quantize_from_args(model: nn.Module, args) -> nn.Module:
     """`edgelm quantize --method gptq|p-gptq`: reads --calib, --samples, --seq-len, --prefix-skip,
     --bits, --group-size, --act-order (and --damp, --symmetric, --mse, --head-bits, --head-gptq,
-    --prefix-weight if present). `gptq` ignores --prefix-skip and --prefix-weight."""
+    --true-sequential, --prefix-weight if present). `gptq` ignores --prefix-skip and --prefix-weight."""
     if getattr(args, "calib", None) is None:
         raise ValueError(f"--method {args.method} needs --calib FILE (calibration text)")
     tokens = calibration_tokens(model.tokenizer, args.calib, args.samples, args.seq_len)
@@ -468,7 +500,8 @@ def gptq_quantize_from_args(model: nn.Module, args) -> nn.Module:
         model, tokens, bits=args.bits, group_size=args.group_size, prefix_skip=skip,
         act_order=args.act_order, damp=getattr(args, "damp", 0.01), symmetric=getattr(args, "symmetric", False),
         mse=getattr(args, "mse", False), head_bits=getattr(args, "head_bits", None),
-        head_gptq=getattr(args, "head_gptq", False), prefix_weight=getattr(args, "prefix_weight", 0.0) if skip else 0.0,
+        head_gptq=getattr(args, "head_gptq", False), true_sequential=getattr(args, "true_sequential", False),
+        prefix_weight=getattr(args, "prefix_weight", 0.0) if skip else 0.0,
         prefix_spike=getattr(args, "prefix_spike", None) if skip else None,
     )
 
