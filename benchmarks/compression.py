@@ -179,11 +179,23 @@ LABELS = {"fp32": "fp32 (dequantized Q4_1)", "int8": "int8 RTN (per channel)", "
           "ternary-lut": "ternary, plain layout (torch LUT)"}
 
 
+def layout_of(r: dict) -> str:
+    """The runtime layout a result row decodes with (its `--speed` line): the tok/s each row
+    measured in its own process is in its JSON, but rows ran at different times and loads."""
+    name = r["row"]
+    if name in ("fp32", "int8"):
+        return name
+    if name in ("ternary-ptq", "qat"):
+        return "ternary + int8 head"
+    head8 = r.get("head_bits") == 8 or name.endswith("head8")
+    return f"int4 g{r['group_size']}" + (" + int8 head" if head8 else "")
+
+
 def table(rows_dir: Path) -> str:
     found = [(p.stem, json.loads(p.read_text())) for p in sorted(rows_dir.glob("*.json"))]
     found.sort(key=lambda f: (ROWS.index(f[1]["row"]), len(f[0]), f[0]))  # a row, then its --tag variants
     base = next((r for stem, r in found if stem == "fp32"), None)
-    lines = ["| model | PPL | Δ vs fp32 | size on disk (MB) | decode tok/s (shared CPU, not comparable) | notes |",
+    lines = ["| model | PPL | Δ vs fp32 | size on disk (MB) | runs as (decode speed: `--speed`) | notes |",
              "|---|---|---|---|---|---|"]
     keys = ("group_size", "calib", "prefix_skip", "prefix_weight", "prefix_spike", "act_order", "mse", "head_bits", "head_gptq",
             "true_sequential", "steps", "train_tokens")
@@ -193,8 +205,7 @@ def table(rows_dir: Path) -> str:
         notes = "per output channel" if name == "int8" else ", ".join(f"{k}={r[k]}" for k in keys if k in r)
         head = "GPTQ int4" if r.get("head_gptq") and r.get("head_bits") != 8 else "GPTQ int8" if r.get("head_gptq") else "int8"
         label = LABELS[name] + (f", {head} LM head" if r.get("head_gptq") or r.get("head_bits") == 8 else "")
-        lines.append(f"| {label} | {r['ppl']:.4g} | {delta} | {r['size_bytes'] / 1e6:.1f} | "
-                     f"{r['decode_tok_s']:.1f} | {notes} |")
+        lines.append(f"| {label} | {r['ppl']:.4g} | {delta} | {r['size_bytes'] / 1e6:.1f} | {layout_of(r)} | {notes} |")
     any_row = found[0][1]
     lines.append(f"\nPPL over {any_row['tokens']} tokens of the last 1 MB of python-library-docs.txt; "
                  f"{any_row['threads']} thread(s).")

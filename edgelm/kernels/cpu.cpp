@@ -539,13 +539,80 @@ inline void madd_rows(__m256i* dot, __m256i w, const __m256i* xv, const int16_t*
 }
 #endif
 
-// y[m, 8t + i] for tiles t in [t0, t1) of the int4 tile layout (header), MB activation rows.
+// The two zero-point tile formats (header): W[n, k] = code * d + mn per 32-block, so per block and
+// activation row y += d * xs * dot(code, xq) + mn * xss (xss = xs * sum(xq)). Each gives a tile's
+// block bytes, its codes' madd_epi16 steps into dot[MB] (AVX2), its (d, mn) per row, and for the
+// scalar build one code at a time.
+struct Int4Tiles {  // int4 "blocks": W = (q - 8) * scale + zero, so d = scale, mn = zero - 8 * scale
+  const uint8_t* qs;
+  const uint16_t* sz;
+  static constexpr int kLines = 2;  // 128-byte blocks
+  const uint8_t* block(int64_t t, int64_t b, int64_t nb) const { return qs + (t * nb + b) * 128; }
+#ifdef EDGELM_AVX2
+  template <int MB>
+  void madd_block(const uint8_t* p, __m256i* dot, const __m256i* xv, const int16_t* xb, int64_t K) const {
+    for (int c = 0; c < 8; ++c) {
+      __m256i lo, hi;
+      unpack_block(p + 16 * c, lo, hi);
+      madd_rows<MB, true>(dot, lo, xv, xb, K, c);  // k = 2c, 2c + 1
+      madd_rows<MB, true>(dot, hi, xv, xb, K, c + 8);  // k = 16 + 2c, 17 + 2c
+    }
+  }
+  void scales(int64_t t, int64_t b, int64_t nb, __m256& d, __m256& mn) const {
+    const __m256i dz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (t * nb + b) * 16));  // scale[8], zero[8]
+    d = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(dz)), 16));
+    const __m256 z = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(dz, 1)), 16));
+    mn = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), d, z);
+  }
+#endif
+  int code(const uint8_t* p, int i, int k) const {  // row i of the tile, k in 0..31
+    const uint8_t byte = p[16 * ((k % 16) / 2) + 2 * i + k % 2];
+    return k < 16 ? byte & 15 : byte >> 4;
+  }
+  void scale(int64_t t, int64_t b, int64_t nb, int i, float& d, float& mn) const {
+    d = bf16_to_float(sz[(t * nb + b) * 16 + i]);
+    mn = bf16_to_float(sz[(t * nb + b) * 16 + 8 + i]) - 8.f * d;
+  }
+};
+
+struct TernaryTiles {  // codes c = w + 1 in 0..2, W = (c - 1) * scale, so d = scale, mn = -scale
+  const uint8_t* qs;
+  const at::Half* sc;
+  static constexpr int kLines = 1;  // 64-byte blocks: the same 16 madd_epi16 per row from half int4's bytes
+  const uint8_t* block(int64_t t, int64_t b, int64_t nb) const { return qs + (t * nb + b) * 64; }
+#ifdef EDGELM_AVX2
+  template <int MB>
+  void madd_block(const uint8_t* p, __m256i* dot, const __m256i* xv, const int16_t* xb, int64_t K) const {
+    const __m256i three = _mm256_set1_epi16(3);
+    for (int c = 0; c < 4; ++c) {  // bits 2s..2s+1 of each byte: k = 2c + 8s, 2c + 8s + 1
+      const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c)));
+      madd_rows<MB, true>(dot, _mm256_and_si256(v, three), xv, xb, K, c);
+      madd_rows<MB, true>(dot, _mm256_and_si256(_mm256_srli_epi16(v, 2), three), xv, xb, K, c + 4);
+      madd_rows<MB, true>(dot, _mm256_and_si256(_mm256_srli_epi16(v, 4), three), xv, xb, K, c + 8);
+      madd_rows<MB, true>(dot, _mm256_srli_epi16(v, 6), xv, xb, K, c + 12);
+    }
+  }
+  void scales(int64_t t, int64_t b, int64_t nb, __m256& d, __m256& mn) const {
+    d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + (t * nb + b) * 8)));
+    mn = _mm256_sub_ps(_mm256_setzero_ps(), d);
+  }
+#endif
+  int code(const uint8_t* p, int i, int k) const {
+    const int r = k % 8;
+    return (p[16 * (r / 2) + 2 * i + r % 2] >> (2 * (k / 8))) & 3;
+  }
+  void scale(int64_t t, int64_t b, int64_t nb, int i, float& d, float& mn) const {
+    d = static_cast<float>(sc[(t * nb + b) * 8 + i]);
+    mn = -d;
+  }
+};
+
+// y[m, 8t + i] for tiles t in [t0, t1) of a zero-point tile format F, MB activation rows.
 // Per (tile, block, row): 16 madd_epi16 of the unpacked weights with broadcast activation pairs
 // into one int32x8 (lane i = row 8t + i), then scales as vectors: ~2x fewer instructions per
 // weight than a row-major kernel's horizontal sums, and the unpacked weights serve all MB rows.
-template <int MB>
-void q4_tiles(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz, const float* bias, float* y, int64_t N,
-              int64_t t0, int64_t t1) {
+template <int MB, typename F>
+void zp_tiles(const QActs& a, int64_t m0, const F& f, const float* bias, float* y, int64_t N, int64_t t0, int64_t t1) {
   const int64_t K = a.K, nb = K / QB;
   const int16_t* xq = a.q.data() + m0 * K;
   const float* xs = a.s.data() + m0 * nb;
@@ -554,26 +621,17 @@ void q4_tiles(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz,
   const __m256i* xv = a.pairs.data() + m0 * (K / 2);
 #endif
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* wq = qs + t * nb * 128;
-    const uint16_t* st = sz + t * nb * 16;
 #ifdef EDGELM_AVX2
     __m256 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       __m256i dot[MB];
       for (int m = 0; m < MB; ++m) dot[m] = _mm256_setzero_si256();
-      const uint8_t* p = wq + b * 128;
-      prefetch_lines<2>(p + kPrefetchBytes);
-      for (int c = 0; c < 8; ++c) {
-        __m256i lo, hi;
-        unpack_block(p + 16 * c, lo, hi);
-        madd_rows<MB, true>(dot, lo, xv + b * 16, xq + b * QB, K, c);  // k = 2c, 2c + 1
-        madd_rows<MB, true>(dot, hi, xv + b * 16, xq + b * QB, K, c + 8);  // k = 16 + 2c, 17 + 2c
-      }
-      const __m256i dz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + b * 16));  // scale[8], zero[8]
-      const __m256 d = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(dz)), 16));
-      const __m256 z = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(dz, 1)), 16));
-      const __m256 mn = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), d, z);
+      const uint8_t* p = f.block(t, b, nb);
+      prefetch_lines<F::kLines>(p + kPrefetchBytes);
+      f.template madd_block<MB>(p, dot, xv + b * 16, xq + b * QB, K);
+      __m256 d, mn;
+      f.scales(t, b, nb, d, mn);
       for (int m = 0; m < MB; ++m) {
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_mul_ps(d, _mm256_set1_ps(xs[m * nb + b])), acc[m]);
         acc[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xss[m * nb + b]), acc[m]);
@@ -589,15 +647,12 @@ void q4_tiles(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz,
       for (int i = 0; i < 8; ++i) {
         float v = 0.f;
         for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* p = f.block(t, b, nb);
           const int16_t* xb = xq + m * K + b * QB;
           int sum = 0;
-          for (int c = 0; c < 8; ++c) {
-            for (int j = 0; j < 2; ++j) {
-              const uint8_t byte = wq[b * 128 + 16 * c + 2 * i + j];
-              sum += (byte & 15) * xb[2 * c + j] + (byte >> 4) * xb[16 + 2 * c + j];
-            }
-          }
-          const float d = bf16_to_float(st[b * 16 + i]), mn = bf16_to_float(st[b * 16 + 8 + i]) - 8.f * d;
+          for (int k = 0; k < QB; ++k) sum += f.code(p, i, k) * xb[k];
+          float d, mn;
+          f.scale(t, b, nb, i, d, mn);
           v += d * xs[m * nb + b] * sum + mn * xss[m * nb + b];
         }
         y[(m0 + m) * N + 8 * t + i] = v + (bias ? bias[8 * t + i] : 0.f);
@@ -607,7 +662,7 @@ void q4_tiles(const QActs& a, int64_t m0, const uint8_t* qs, const uint16_t* sz,
   }
 }
 
-// y[m, 8t + i] for int8 tiles t in [t0, t1) (header): as q4_tiles, sixteen 16-byte chunks per
+// y[m, 8t + i] for int8 tiles t in [t0, t1) (header): as zp_tiles, sixteen 16-byte chunks per
 // block, each widened to one int16 vector; the per-channel scales are applied once at the end.
 template <int MB>
 void q8_tiles(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale, const float* bias, float* y, int64_t N,
@@ -653,72 +708,6 @@ void q8_tiles(const QActs& a, int64_t m0, const int8_t* w, const uint16_t* scale
           v += xs[m * nb + b] * dotq;
         }
         y[(m0 + m) * N + 8 * t + i] = v * bf16_to_float(scale[8 * t + i]) + (bias ? bias[8 * t + i] : 0.f);
-      }
-    }
-#endif
-  }
-}
-
-// y[m, 8t + i] for ternary tiles t in [t0, t1) (header): as q4_tiles with 2-bit codes c = w + 1, so
-// per block dot(w, x) = dot(c, x) - sum(x): the int16 dot of the codes, then d * (xs * dot - xss).
-// A block is 64 bytes (vs int4's 128) for the same 16 madd_epi16 per row.
-template <int MB>
-void q2_tiles(const QActs& a, int64_t m0, const uint8_t* qs, const at::Half* sc, const float* bias, float* y, int64_t N,
-              int64_t t0, int64_t t1) {
-  const int64_t K = a.K, nb = K / QB;
-  const int16_t* xq = a.q.data() + m0 * K;
-  const float* xs = a.s.data() + m0 * nb;
-  const float* xss = a.ss.data() + m0 * nb;
-#ifdef EDGELM_AVX2
-  const __m256i* xv = a.pairs.data() + m0 * (K / 2);
-#endif
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* wq = qs + t * nb * 64;
-    const at::Half* st = sc + t * nb * 8;
-#ifdef EDGELM_AVX2
-    __m256 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
-    const __m256i three = _mm256_set1_epi16(3);
-    for (int64_t b = 0; b < nb; ++b) {
-      __m256i dot[MB];
-      for (int m = 0; m < MB; ++m) dot[m] = _mm256_setzero_si256();
-      const uint8_t* p = wq + b * 64;
-      prefetch_lines<1>(p + kPrefetchBytes);
-      for (int c = 0; c < 4; ++c) {
-        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c)));
-        madd_rows<MB, true>(dot, _mm256_and_si256(v, three), xv + b * 16, xq + b * QB, K, c);  // k = 2c, 2c + 1
-        madd_rows<MB, true>(dot, _mm256_and_si256(_mm256_srli_epi16(v, 2), three), xv + b * 16, xq + b * QB, K, c + 4);
-        madd_rows<MB, true>(dot, _mm256_and_si256(_mm256_srli_epi16(v, 4), three), xv + b * 16, xq + b * QB, K, c + 8);
-        madd_rows<MB, true>(dot, _mm256_srli_epi16(v, 6), xv + b * 16, xq + b * QB, K, c + 12);
-      }
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st + b * 8)));
-      for (int m = 0; m < MB; ++m) {
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_mul_ps(d, _mm256_set1_ps(xs[m * nb + b])), acc[m]);
-        acc[m] = _mm256_fnmadd_ps(d, _mm256_set1_ps(xss[m * nb + b]), acc[m]);
-      }
-    }
-    for (int m = 0; m < MB; ++m) {
-      __m256 v = acc[m];
-      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * t));
-      _mm256_storeu_ps(y + (m0 + m) * N + 8 * t, v);
-    }
-#else
-    for (int m = 0; m < MB; ++m) {
-      for (int i = 0; i < 8; ++i) {
-        float v = 0.f;
-        for (int64_t b = 0; b < nb; ++b) {
-          const int16_t* xb = xq + m * K + b * QB;
-          int sum = 0;
-          for (int c = 0; c < 4; ++c) {
-            for (int j = 0; j < 2; ++j) {
-              const uint8_t byte = wq[b * 64 + 16 * c + 2 * i + j];
-              for (int q = 0; q < 4; ++q) sum += ((byte >> (2 * q)) & 3) * xb[2 * c + j + 8 * q];
-            }
-          }
-          const float d = static_cast<float>(st[b * 8 + i]);
-          v += d * (xs[m * nb + b] * sum - xss[m * nb + b]);
-        }
-        y[(m0 + m) * N + 8 * t + i] = v + (bias ? bias[8 * t + i] : 0.f);
       }
     }
 #endif
@@ -880,13 +869,13 @@ struct Linear {
       const uint16_t* sz = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
       const int64_t tiles = N / 8;
       for_slices(tiles, std::max<int64_t>(1, grain_rows(K / 2) / 8), [&](int64_t t0, int64_t t1) {
-        for_row_chunks<8>(M, [&](auto mb, int64_t m) { q4_tiles<decltype(mb)::value>(a, m, qs, sz, b, y, N, t0, t1); });
+        for_row_chunks<8>(M, [&](auto mb, int64_t m) { zp_tiles<decltype(mb)::value>(a, m, Int4Tiles{qs, sz}, b, y, N, t0, t1); });
       });
     } else if (kind == 3) {
       const uint8_t* qs = w.data_ptr<uint8_t>();
       const at::Half* sc = s.data_ptr<at::Half>();
       for_slices(N / 8, std::max<int64_t>(1, grain_rows(K / 4) / 8), [&](int64_t t0, int64_t t1) {
-        for_row_chunks<8>(M, [&](auto mb, int64_t m) { q2_tiles<decltype(mb)::value>(a, m, qs, sc, b, y, N, t0, t1); });
+        for_row_chunks<8>(M, [&](auto mb, int64_t m) { zp_tiles<decltype(mb)::value>(a, m, TernaryTiles{qs, sc}, b, y, N, t0, t1); });
       });
     } else {
       const int8_t* wq = w.data_ptr<int8_t>();

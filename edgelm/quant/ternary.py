@@ -7,7 +7,7 @@ weight, the gradient flows to the latent full-precision W as if quantization wer
 
 `BitLinear` is the inference module: 2 bits per weight (code = t + 1) plus fp16 group scales (0.5 bit
 per weight at group 32). Where edgelm's C++ kernels run, its codes sit in their tile order and few
-rows (decode) run the int16-activation tile kernel (kernels/cpu.cpp `q2_tiles`: 16 madd_epi16 per
+rows (decode) run the int16-activation tile kernel (kernels/cpu.cpp `TernaryTiles`: 16 madd_epi16 per
 32-block and row, as int4, from half the bytes). Without them, one row runs `lut_matmul`: for each
 activation row a table of the 256 possible dot products of 4 consecutive inputs with 4 ternary
 digits (T-MAC / bitnet.cpp's LUT idea), then each output sums K/4 table reads selected by the code
