@@ -144,9 +144,11 @@ def executor_from_args(args):
 def add_quantize_parser(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a model's weights and save a folder `load` runs directly")
     q.add_argument("--model", required=True, help="HF folder, .gguf or llama2.c .bin")
-    q.add_argument("--method", choices=["int8", "int4", "gptq", "p-gptq"], default="int4")
+    q.add_argument("--method", choices=["int8", "int4", "gptq", "p-gptq", "ternary"], default="int4",
+                   help="ternary: post-training BitCPM ternarization of the decoder linears (int8 LM head); "
+                        "`edgelm qat --ternary` trains it")
     q.add_argument("--bits", type=int, choices=[4, 8], default=4, help="gptq/p-gptq bits")
-    q.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
+    q.add_argument("--group-size", type=int, default=32, help="int4 / ternary group size (32, 64, 128)")
     q.add_argument("--symmetric", action="store_true", help="int4 without zero points")
     q.add_argument("--calib", default=None, help="gptq: calibration text file")
     q.add_argument("--samples", type=int, default=128, help="gptq: calibration sequences")
@@ -257,6 +259,10 @@ def cmd_quantize(args) -> None:
         from edgelm.quant.gptq import gptq_quantize_from_args
 
         gptq_quantize_from_args(model, args)
+    elif args.method == "ternary":
+        from edgelm.quant.ternary import ternarize_decoder
+
+        ternarize_decoder(model, args.group_size)
     else:
         quantize_decoder(model, args.method, args.group_size)
     out = save_quantized(model, args.out)

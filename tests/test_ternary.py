@@ -175,6 +175,24 @@ def test_ternarize_model_head_int8_layout():
     assert q["modules"]["model.layers.4.self_attn.q_proj"] == {"bits": 2, "ternary": True, "group_size": 32}
 
 
+def test_quantize_cli_ternary_round_trip(tmp_path, capsys):
+    """`edgelm quantize --method ternary`: decoder linears ternary where the group fits (stories'
+    172-input down_proj stays dense, with a note), int8 head; `load` runs it with the same logits."""
+    from edgelm.cli import main
+
+    out = tmp_path / "tern"
+    assert main(["quantize", "--model", STORIES, "--method", "ternary", "--out", str(out), "--threads", "1"]) == 0
+    assert "5 layers kept dense" in capsys.readouterr().err
+    again = load(out, dtype=torch.float32, fuse=False)
+    expected = ternarize_model(load(STORIES, dtype=torch.float32, fuse=False), 32, fits)
+    kinds = {p: type(m).__name__ for p, m in expected.named_modules()}
+    assert {p: type(m).__name__ for p, m in again.named_modules()} == kinds
+    assert type(again.model.layers[0].mlp.down_proj) is nn.Linear
+    ids = torch.tensor([[1, 403, 407, 261, 378]])
+    with torch.no_grad():
+        assert torch.equal(again(ids), expected(ids))
+
+
 def test_bad_input_errors():
     model = load(STORIES, dtype=torch.float32, fuse=False)
     with pytest.raises(ValueError, match="must be a multiple of 4 dividing in_features 172"):

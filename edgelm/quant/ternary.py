@@ -328,3 +328,26 @@ def ternarize_model(model: nn.Module, group_size: int = TERNARY_GROUP, predicate
     """Post-training ternarization: decoder linears -> BitLinear, LM head -> `head` (int8) or kept."""
     swap_linears(model, lambda m: BitLinear.from_float(m, group_size), predicate)
     return finish_ternary(model, group_size, head)
+
+
+def ternarize_decoder(model: nn.Module, group_size: int = TERNARY_GROUP) -> list[str]:
+    """`edgelm quantize --method ternary`: `ternarize_model` over the decoder linears whose shapes
+    take it, keeping the others dense (returned, with a note on stderr, as `quantize_decoder` does)."""
+    import sys
+
+    skipped = []
+
+    def predicate(path, m) -> bool:
+        if not is_ternary_target(path, m):
+            return False
+        ok = group_size >= 4 and group_size % 4 == 0 and m.in_features % group_size == 0
+        if not ok:
+            skipped.append(path)
+        return ok
+
+    ternarize_model(model, group_size, predicate)
+    if skipped:
+        print(f"note: {len(skipped)} layers kept dense (in_features not a multiple of group {group_size}): {skipped[:4]}",
+              file=sys.stderr)
+    return skipped
+
