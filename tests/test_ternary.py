@@ -193,6 +193,27 @@ def test_quantize_cli_ternary_round_trip(tmp_path, capsys):
         assert torch.equal(again(ids), expected(ids))
 
 
+def test_qat_cli_writes_a_loadable_checkpoint(tmp_path):
+    """`edgelm qat --ternary` end to end on stories260K (group 4: its down_proj has 172 inputs): a
+    folder `load` runs with BitLinear, the run's history, and latent checkpoints with their settings."""
+    import json
+
+    from edgelm.cli import main
+
+    out = tmp_path / "qat"
+    args = ["qat", "--model", STORIES, "--ternary", "--text", TEXT, "--steps", "4", "--warmup", "1", "--batch-size", "2",
+            "--seq-len", "32", "--group-size", "4", "--distill", "--ckpt-every", "2", "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    info = json.loads((out / "qat.json").read_text())
+    assert len(info["history"]) == 4 and info["tokens"] == 4 * 2 * 32
+    assert sorted(p.name for p in (out / "latent").iterdir()) == ["qat-args.json", "step2.safetensors", "step4.safetensors"]
+    assert json.loads((out / "latent" / "qat-args.json").read_text())["seq_len"] == 32
+    model = load(out, dtype=torch.float32, fuse=False)
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, BitLinear) and down.group_size == 4 and down.layout == "plain"
+    assert set(down.codes().unique().tolist()) <= {-1, 0, 1}
+
+
 def test_bad_input_errors():
     model = load(STORIES, dtype=torch.float32, fuse=False)
     with pytest.raises(ValueError, match="must be a multiple of 4 dividing in_features 172"):

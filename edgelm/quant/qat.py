@@ -69,7 +69,7 @@ def random_batches(ids: torch.Tensor, cfg: QATConfig):
 def prepare_qat(model: nn.Module, group_size: int = TERNARY_GROUP, predicate=None) -> list[nn.Parameter]:
     """Swap the decoder linears for TernaryLinear in place; returns the trainable latent weights."""
     model.requires_grad_(False)
-    swap_linears(model, lambda m: TernaryLinear.from_linear(m, group_size), predicate)
+    swap_linears(model, lambda m: TernaryLinear.from_linear(m, group_size), predicate, group_size)
     params = []
     for m in model.modules():
         if isinstance(m, TernaryLinear):
@@ -149,7 +149,7 @@ def save_latent(model: nn.Module, path: Path) -> None:
 
 def finish_qat(model: nn.Module, group_size: int = TERNARY_GROUP, head: str | None = "int8") -> nn.Module:
     """TernaryLinear -> packed BitLinear (same codes and scales as the training forward)."""
-    swap_linears(model, lambda m: BitLinear.from_float(m, group_size), lambda p, m: isinstance(m, TernaryLinear))
+    swap_linears(model, lambda m: BitLinear.from_float(m, group_size), lambda p, m: isinstance(m, TernaryLinear), group_size)
     return finish_ternary(model, group_size, head)
 
 
@@ -167,6 +167,9 @@ def run_qat(model_path: str, text: str, cfg: QATConfig, out: str | Path, progres
     teacher = load(model_path, dtype=torch.float32, fuse=True, dequantize=True) if cfg.distill else None
     ids = training_tokens(model.tokenizer, text, cfg.batch_size * (cfg.seq_len + 1))
     params = prepare_qat(model, cfg.group_size)
+    if cfg.ckpt_every:  # the latent checkpoints' settings, for whoever evaluates them mid-run
+        (out / "latent").mkdir(parents=True, exist_ok=True)
+        (out / "latent" / "qat-args.json").write_text(json.dumps(asdict(cfg), indent=1))
     t0 = time.perf_counter()
     history = train_qat(model, params, random_batches(ids, cfg), cfg, teacher, out, progress)
     train_s = time.perf_counter() - t0

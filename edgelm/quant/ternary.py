@@ -298,8 +298,9 @@ def is_ternary_target(path: str, module: nn.Module) -> bool:
     return ".layers." in f".{path}" and isinstance(module, nn.Linear)
 
 
-def swap_linears(model: nn.Module, make, predicate=None) -> dict[str, nn.Module]:
-    """Replace every nn.Linear matching `predicate` (default: decoder layers) by make(linear)."""
+def swap_linears(model: nn.Module, make, predicate=None, group_size: int = TERNARY_GROUP) -> dict[str, nn.Module]:
+    """Replace every nn.Linear matching `predicate` (default: decoder layers) by make(linear), after
+    checking every shape against `group_size` (a trained TernaryLinear's own group size wins)."""
     from edgelm.quant.quantize import set_module
 
     predicate = predicate or is_ternary_target
@@ -307,7 +308,7 @@ def swap_linears(model: nn.Module, make, predicate=None) -> dict[str, nn.Module]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to ternarize")
     for p, m in targets.items():
-        check_ternary_shape(m.out_features, m.in_features, getattr(m, "group_size", TERNARY_GROUP))
+        check_ternary_shape(m.out_features, m.in_features, getattr(m, "group_size", group_size))
     for p, m in targets.items():
         set_module(model, p, make(m))
     return targets
@@ -326,7 +327,7 @@ def finish_ternary(model: nn.Module, group_size: int, head: str | None = "int8")
 def ternarize_model(model: nn.Module, group_size: int = TERNARY_GROUP, predicate=None,
                     head: str | None = "int8") -> nn.Module:
     """Post-training ternarization: decoder linears -> BitLinear, LM head -> `head` (int8) or kept."""
-    swap_linears(model, lambda m: BitLinear.from_float(m, group_size), predicate)
+    swap_linears(model, lambda m: BitLinear.from_float(m, group_size), predicate, group_size)
     return finish_ternary(model, group_size, head)
 
 
