@@ -9,6 +9,7 @@ calibration, QAT) can run in the background; `--table` prints the Markdown table
     python benchmarks/compression.py --row qat --qat-dir /tmp/h5/qat --rows /tmp/h5/rows
     python benchmarks/compression.py --table --rows /tmp/h5/rows
     python benchmarks/compression.py --speed --threads 2         # decode tok/s per layout, side by side
+    python benchmarks/compression.py --sensitivity --windows 4   # int4 PPL cost, one layer at a time
 
 Evaluation text: the last 1 MB of python-library-docs.txt, windows of --ctx tokens, each scoring
 its last ctx - 1 tokens (stride = ctx), the first --windows windows. Calibration: the first 2 MB.
@@ -87,6 +88,7 @@ def build(row: str, args):
         t0 = time.perf_counter()
         opts = dict(act_order=args.act_order, mse=args.mse, head_bits=args.head_bits, head_gptq=args.head_gptq,
                     true_sequential=args.true_sequential,
+                    int8_layers=tuple(int(i) for i in args.int8_layers.split(",") if i),
                     prefix_weight=args.prefix_weight if skip else 0.0, prefix_spike=args.prefix_spike if skip else None)
         gptq_quantize(model, tokens, bits=4, group_size=args.group_size, prefix_skip=skip, **opts)
         return model, {"group_size": args.group_size, "calib": f"{args.samples}x{args.seq_len}",
@@ -162,6 +164,50 @@ def speed(args) -> str:
     return "\n".join(lines)
 
 
+def sensitivity(args) -> str:
+    """PPL cost of int4 round-to-nearest (--group-size) in one decoder layer at a time, the others
+    fp32, over --windows windows: which layers carry the int4 error (the `--int8-layers` choice).
+    Writes the per-layer costs as JSON and a bar chart beside --rows."""
+    import copy
+    import math
+
+    base, _ = build("fp32", args)
+    ids = eval_ids(base.tokenizer, args.ctx, args.windows)
+    ref = perplexity(base, ids, args.ctx, args.ctx).nll
+    cost = {}
+    for i in range(len(base.layers)):
+        model, prefix = copy.deepcopy(base), f"model.layers.{i}."
+        quantize_model(model, "int4", args.group_size,
+                       predicate=lambda p, m, prefix=prefix: p.startswith(prefix) and isinstance(m, torch.nn.Linear))
+        cost[i] = 100 * (math.exp(perplexity(model, ids, args.ctx, args.ctx).nll - ref) - 1)
+        print(f"layer {i}: {cost[i]:+.2f}% PPL", file=sys.stderr, flush=True)
+    out = Path(args.rows)
+    (out / f"sensitivity-g{args.group_size}.json").write_text(json.dumps(cost, indent=1))
+    plot_sensitivity(cost, out / f"sensitivity-g{args.group_size}.png", args)
+    ranked = sorted(cost, key=cost.get, reverse=True)
+    total = sum(cost.values())
+    lines = [f"int4 g{args.group_size} RTN in one layer at a time: PPL cost vs fp32 ({len(ids)} tokens)", "",
+             "| rank | layer | PPL cost | share of the sum |", "|---|---|---|---|"]
+    lines += [f"| {r + 1} | {i} | {cost[i]:+.2f}% | {cost[i] / total:.0%} |" for r, i in enumerate(ranked[:8])]
+    return "\n".join([*lines, f"\nsum over the {len(cost)} layers: {total:+.1f}%"])
+
+
+def plot_sensitivity(cost: dict, path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.bar(list(cost), list(cost.values()), color="tab:blue")
+    ax.set_xlabel("decoder layer quantized (others fp32)")
+    ax.set_ylabel("PPL cost vs fp32 (%)")
+    ax.set_title(f"SmolLM2-135M: int4 g{args.group_size} round-to-nearest, one layer at a time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plain_ternary(model):
     from edgelm.quant.quantize import set_module
     from edgelm.quant.ternary import BitLinear
@@ -198,7 +244,7 @@ def table(rows_dir: Path) -> str:
     lines = ["| model | PPL | Δ vs fp32 | size on disk (MB) | runs as (decode speed: `--speed`) | notes |",
              "|---|---|---|---|---|---|"]
     keys = ("group_size", "calib", "prefix_skip", "prefix_weight", "prefix_spike", "act_order", "mse", "head_bits", "head_gptq",
-            "true_sequential", "steps", "train_tokens")
+            "true_sequential", "int8_layers", "steps", "train_tokens")
     for _, r in found:
         name = r["row"]
         delta = f"{100 * (r['ppl'] / base['ppl'] - 1):+.4g}%" if base else "n/a"
@@ -253,12 +299,14 @@ def main() -> None:
     p.add_argument("--head-bits", type=int, choices=[4, 8], default=4, help="gptq rows: LM head bits")
     p.add_argument("--head-gptq", action="store_true", help="gptq rows: GPTQ the LM head too")
     p.add_argument("--true-sequential", action="store_true", help="gptq rows: H per input group after the ones before")
+    p.add_argument("--int8-layers", default="", help="gptq rows: comma-separated decoder layers in int8")
     p.add_argument("--tag", default="", help="row variant: results go to ROW-TAG.json (a separate table line)")
     p.add_argument("--qat-dir", default="/tmp/h5/qat")
     p.add_argument("--qat-latent", default=None, help="row qat from a latent/stepN.safetensors checkpoint")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot-qat", default=None, help="write the QAT loss curve of --qat-dir to this PNG")
     p.add_argument("--speed", action="store_true", help="decode tok/s of every runtime layout, side by side")
+    p.add_argument("--sensitivity", action="store_true", help="PPL cost of int4 RTN in one layer at a time")
     p.add_argument("--repeat", type=int, default=5, help="--speed: alternating rounds")
     p.add_argument("--lut", action="store_true", help="--speed: add the ternary model's pure-torch LUT decode (slow)")
     p.add_argument("--gen-tokens", type=int, default=64, help="--speed: greedy tokens per round")
@@ -270,6 +318,8 @@ def main() -> None:
     rows_dir.mkdir(parents=True, exist_ok=True)
     if args.speed:
         print(speed(args), flush=True)
+    if args.sensitivity:
+        print(sensitivity(args), flush=True)
     for row in args.row:
         result = measure(row, args)
         (rows_dir / f"{row}{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(result, indent=2))

@@ -160,6 +160,8 @@ def add_quantize_parser(sub) -> None:
     q.add_argument("--head-gptq", action="store_true", help="gptq: GPTQ the LM head too (default: round to nearest)")
     q.add_argument("--true-sequential", action="store_true",
                    help="gptq: within a layer, each input group's H after the groups before it are quantized")
+    q.add_argument("--int8-layers", type=lambda v: [int(i) for i in v.split(",")], default=None,
+                   help="gptq: comma-separated decoder layer indices quantized to int8 instead (a mixed model)")
     q.add_argument("--prefix-weight", type=float, default=0.0,
                    help="p-gptq: keep the first --prefix-skip positions in H at this weight (0: leave them out)")
     q.add_argument("--prefix-spike", type=float, default=None,

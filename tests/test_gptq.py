@@ -125,6 +125,22 @@ def test_true_sequential_groups_and_hessians(stories, calib):
         assert not torch.equal(a[f"model.layers.0.{name}.qweight"], b[f"model.layers.0.{name}.qweight"])
 
 
+def test_int8_layers_mix(calib):
+    """--int8-layers: those decoder layers get int8 per channel, the rest the requested int4."""
+    from edgelm.quant.linear import Int4Linear, Int8Linear
+
+    pred = lambda p, m: is_default_target(p, m) and can_quantize(m, "int4", 32)  # noqa: E731
+    model = load(STORIES, dtype=torch.float32, fuse=False)
+    gptq_quantize(model, calib, bits=4, group_size=32, predicate=pred, int8_layers=(1, 4), progress=False)
+    for i, layer in enumerate(model.layers):
+        kind = Int8Linear if i in (1, 4) else Int4Linear
+        assert all(type(getattr(layer.self_attn, n)) is kind for n in ("q_proj", "k_proj", "v_proj", "o_proj")), i
+    assert model.config.quantization["modules"]["model.layers.1.self_attn.q_proj"] == {"bits": 8}
+    with pytest.raises(ValueError, match="out of range"):
+        gptq_quantize(load(STORIES, dtype=torch.float32, fuse=False), calib, bits=4, group_size=32, predicate=pred,
+                      int8_layers=(5,), progress=False)
+
+
 def test_gptq_model_is_close_to_fp(stories, calib):
     pred = lambda p, m: is_default_target(p, m) and can_quantize(m, "int8")  # noqa: E731
     model = gptq_quantize(load(STORIES, dtype=torch.float32, fuse=False), calib, bits=8, predicate=pred, progress=False)

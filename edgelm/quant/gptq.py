@@ -351,6 +351,7 @@ def gptq_quantize(
     head_bits: int | None = None,
     head_gptq: bool = False,
     true_sequential: bool = False,
+    int8_layers: tuple[int, ...] = (),
     predicate=None,
     batch_size: int = 8,
     progress: bool = True,
@@ -364,7 +365,9 @@ def gptq_quantize(
     instead of being left out; `prefix_spike` r: only in linears whose input peaks over those
     positions exceed r times the peak over the rest (`HessianCapture`). `mse`: clip-searched group ranges (`mse_group_params`), also for a
     round-to-nearest int4 head. `true_sequential`: within a layer, each input group's H is taken
-    after the groups before it are quantized (`_quantize_layer`)."""
+    after the groups before it are quantized (`_quantize_layer`). `int8_layers`: decoder layers
+    (indices) whose linears get int8 per channel instead of `bits` (a k-quant-style mix for the
+    layers whose quantization costs most; `benchmarks/compression.py --sensitivity` ranks them)."""
     predicate = predicate or is_default_target
     all_targets = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear) and predicate(p, m)}
     check_targets(model, all_targets, bits, group_size)
@@ -383,10 +386,14 @@ def gptq_quantize(
                     symmetric=symmetric, mse=mse)
     capture = dict(prefix_skip=prefix_skip, prefix_weight=prefix_weight, prefix_spike=prefix_spike)
     rest = dict(all_targets)
-    for layer in _progress(list(model.layers), progress, "GPTQ layers"):
+    bad = [i for i in int8_layers if not 0 <= i < len(model.layers)]
+    if bad:
+        raise ValueError(f"int8_layers {bad} out of range: the model has {len(model.layers)} decoder layers")
+    for i, layer in enumerate(_progress(list(model.layers), progress, "GPTQ layers")):
         prefix = next(p for p, m in model.named_modules() if m is layer) + "."
         targets = {p: rest.pop(p) for p in list(rest) if p.startswith(prefix)}
-        _quantize_layer(model, layer, states, targets, capture, settings, true_sequential)
+        layer_settings = {**settings, "bits": 8} if i in int8_layers else settings
+        _quantize_layer(model, layer, states, targets, capture, layer_settings, true_sequential)
         states = [(layer(h, None, ctx), ctx) for h, ctx in states]  # inputs of the next layer
     head = {**settings, "bits": head_bits}
     if head_gptq and rest:  # the final norm's output is what the LM head multiplies
@@ -489,7 +496,7 @@ def calibration_tokens(tokenizer, text_path: str | Path, samples: int, seq_len: 
 def gptq_quantize_from_args(model: nn.Module, args) -> nn.Module:
     """`edgelm quantize --method gptq|p-gptq`: reads --calib, --samples, --seq-len, --prefix-skip,
     --bits, --group-size, --act-order (and --damp, --symmetric, --mse, --head-bits, --head-gptq,
-    --true-sequential, --prefix-weight if present). `gptq` ignores --prefix-skip and --prefix-weight."""
+    --true-sequential, --int8-layers, --prefix-weight if present). `gptq` ignores --prefix-skip and --prefix-weight."""
     if getattr(args, "calib", None) is None:
         raise ValueError(f"--method {args.method} needs --calib FILE (calibration text)")
     tokens = calibration_tokens(model.tokenizer, args.calib, args.samples, args.seq_len)
@@ -501,6 +508,7 @@ def gptq_quantize_from_args(model: nn.Module, args) -> nn.Module:
         act_order=args.act_order, damp=getattr(args, "damp", 0.01), symmetric=getattr(args, "symmetric", False),
         mse=getattr(args, "mse", False), head_bits=getattr(args, "head_bits", None),
         head_gptq=getattr(args, "head_gptq", False), true_sequential=getattr(args, "true_sequential", False),
+        int8_layers=tuple(getattr(args, "int8_layers", None) or ()),
         prefix_weight=getattr(args, "prefix_weight", 0.0) if skip else 0.0,
         prefix_spike=getattr(args, "prefix_spike", None) if skip else None,
     )
