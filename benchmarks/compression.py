@@ -186,7 +186,7 @@ def sensitivity(args) -> str:
     plot_sensitivity(cost, out / f"sensitivity-g{args.group_size}.png", args)
     ranked = sorted(cost, key=cost.get, reverse=True)
     total = sum(cost.values())
-    lines = [f"int4 g{args.group_size} RTN in one layer at a time: PPL cost vs fp32 ({len(ids)} tokens)", "",
+    lines = [f"int4 g{args.group_size} RTN in one layer at a time: PPL cost vs fp32 ({args.windows} windows of {args.ctx})", "",
              "| rank | layer | PPL cost | share of the sum |", "|---|---|---|---|"]
     lines += [f"| {r + 1} | {i} | {cost[i]:+.2f}% | {cost[i] / total:.0%} |" for r, i in enumerate(ranked[:8])]
     return "\n".join([*lines, f"\nsum over the {len(cost)} layers: {total:+.1f}%"])
