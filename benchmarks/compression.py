@@ -258,8 +258,9 @@ def table(rows_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def plot_qat(qat_json: Path, out: Path) -> None:
-    """Cross-entropy and KL per step of an `edgelm qat` run (its qat.json)."""
+def plot_qat(qat_json: Path, out: Path, rows_dir: Path | None = None) -> None:
+    """Cross-entropy and KL per step of an `edgelm qat` run (its qat.json), with the evaluation NLL
+    of its checkpoints and of fp32 / post-training ternary where --rows holds those rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,13 +268,21 @@ def plot_qat(qat_json: Path, out: Path) -> None:
 
     info = json.loads(qat_json.read_text())
     steps = [h["step"] for h in info["history"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [h["ce"] for h in info["history"]], marker="o", ms=3, label="cross-entropy (train batch)")
-    ax.plot(steps, [h["kl"] for h in info["history"]], marker="o", ms=3, label="KL(teacher || student)")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax.plot(steps, [h["ce"] for h in info["history"]], lw=1, label="cross-entropy (train batch)")
+    ax.plot(steps, [h["kl"] for h in info["history"]], lw=1, label="KL(teacher || student)")
+    rows = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))] if rows_dir else []
+    evals = sorted((r["steps"], r["nll"]) for r in rows if r["row"] == "qat" and "steps" in r)
+    if evals:
+        ax.plot(*zip(*evals), "ko-", label="evaluation NLL (last 1 MB, 4,088 tokens)")
+    for r in rows:
+        if r["row"] in ("fp32", "ternary-ptq"):
+            ax.axhline(r["nll"], ls="--", color="gray" if r["row"] == "fp32" else "tab:red", lw=1)
+            ax.annotate(f"{LABELS[r['row']]}: {r['nll']:.2f}", (steps[-1], r["nll"]), ha="right", va="bottom", fontsize=8)
     ax.set_xlabel(f"step ({info['batch_size']} x {info['seq_len']} tokens, lr {info['lr']}, re-warm {info['warmup']})")
     ax.set_ylabel("nats per token")
     ax.set_title("ternary QAT of SmolLM2-135M from its fp weights")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -312,7 +321,7 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=64, help="--speed: greedy tokens per round")
     args = p.parse_args()
     if args.plot_qat:
-        plot_qat(Path(args.qat_dir) / "qat.json", Path(args.plot_qat))
+        plot_qat(Path(args.qat_dir) / "qat.json", Path(args.plot_qat), Path(args.rows))
     torch.set_num_threads(args.threads)
     rows_dir = Path(args.rows)
     rows_dir.mkdir(parents=True, exist_ok=True)
