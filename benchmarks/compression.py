@@ -278,7 +278,8 @@ def plot_qat(qat_json: Path, out: Path, rows_dir: Path | None = None) -> None:
     for r in rows:
         if r["row"] in ("fp32", "ternary-ptq"):
             ax.axhline(r["nll"], ls="--", color="gray" if r["row"] == "fp32" else "tab:red", lw=1)
-            ax.annotate(f"{LABELS[r['row']]}: {r['nll']:.2f}", (steps[-1], r["nll"]), ha="right", va="bottom", fontsize=8)
+            ax.annotate(f"{LABELS[r['row']]}: {r['nll']:.2f}", (steps[len(steps) // 3], r["nll"]), va="bottom", fontsize=8)
+    ax.set_ylim(0, max([ax.get_ylim()[1]] + [r["nll"] + 1.5 for r in rows if r["row"] == "ternary-ptq"]))
     ax.set_xlabel(f"step ({info['batch_size']} x {info['seq_len']} tokens, lr {info['lr']}, re-warm {info['warmup']})")
     ax.set_ylabel("nats per token")
     ax.set_title("ternary QAT of SmolLM2-135M from its fp weights")
