@@ -252,6 +252,7 @@ class BitLinear(_QuantLinear):
         return ternary_values(self.codes(), self.group_scales(), self.group_size).to(dtype)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """W[rows]: the whole reference, then the rows (no embedding is ternary; kernels: `lookup_rows`)."""
         return self.dequantize()[rows.reshape(-1).long()]
 
     def kernel_handle(self):
@@ -341,10 +342,12 @@ def ternarize_decoder(model: nn.Module, group_size: int = TERNARY_GROUP) -> list
     def predicate(path, m) -> bool:
         if not is_ternary_target(path, m):
             return False
-        ok = group_size >= 4 and group_size % 4 == 0 and m.in_features % group_size == 0
-        if not ok:
+        try:
+            check_ternary_shape(m.out_features, m.in_features, group_size)
+        except ValueError:
             skipped.append(path)
-        return ok
+            return False
+        return True
 
     ternarize_model(model, group_size, predicate)
     if skipped:
