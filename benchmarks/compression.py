@@ -143,8 +143,7 @@ def speed(args) -> str:
     """Decode tok/s of each runtime layout, side by side: every layout built once, then --repeat
     alternating rounds (so drift hits all alike), medians and ratios to fp32. GPTQ / P-GPTQ rows
     run the int4 layouts (int4 / int4-g32, with --head-bits 8 int4-head8 / int4-g32-head8) and QAT
-    rows the ternary one:
-    same modules, same kernels, so the same speed."""
+    rows the ternary one: same modules, same kernels, so the same speed."""
     models = {}
     for row in SPEED_ROWS:
         model, _ = build(row, args)

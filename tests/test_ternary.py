@@ -66,6 +66,7 @@ def test_packed_matmul_equals_reference(rows):
     torch.testing.assert_close(lut_matmul(x, plain.packed, plain.packed_scales, 32) + b.bias, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain(x), ref, rtol=1e-5, atol=1e-5)  # whichever path forward picks
     assert torch.equal(decode_ternary(plain.packed, plain.packed_scales, 32), plain.dequantize())
+    assert torch.equal(plain.dequantize_rows(torch.tensor([3, 0, 79])), plain.dequantize()[[3, 0, 79]])
     # the default layout (the C++ tile kernel where it is built): int16 activations, ~1e-5 relative
     torch.testing.assert_close(b(x), ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(b.dequantize(), plain.dequantize())
@@ -103,6 +104,7 @@ def test_tile_kernel_equals_reference(rows, group_size):
     assert torch.equal(kernels.ext().dequantize(b.kernel_handle()), b.dequantize())
     rows_ = torch.tensor([0, 71, 8, 35])
     assert torch.equal(b.lookup_rows(rows_), b.dequantize()[rows_])
+    assert torch.equal(b.dequantize_rows(rows_), b.dequantize()[rows_])  # the torch reference, tile by tile
 
 
 @needs_kernels

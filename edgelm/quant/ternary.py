@@ -252,8 +252,17 @@ class BitLinear(_QuantLinear):
         return ternary_values(self.codes(), self.group_scales(), self.group_size).to(dtype)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """W[rows]: the whole reference, then the rows (no embedding is ternary; kernels: `lookup_rows`)."""
-        return self.dequantize()[rows.reshape(-1).long()]
+        """W[rows] (R, K) fp32, reading only those rows ("tiles": the 8-row tiles that hold them)."""
+        rows = rows.reshape(-1).long()
+        if self.layout == "plain":
+            return ternary_values(unpack_ternary(self.packed[rows]), self.packed_scales[rows], self.group_size)
+        tiles = rows // TILE
+        packed = self.packed.reshape(-1, TILE * self.packed.shape[1])[tiles].reshape(-1, self.packed.shape[1])
+        scales = self.packed_scales.reshape(-1, TILE * self.packed_scales.shape[1])[tiles]
+        pick = torch.arange(len(rows)) * TILE + rows % TILE  # row r of tile i is row i * 8 + r % 8 here
+        t = unpack_ternary_tiles(packed)[pick]
+        s = tiles_to_scales(scales.reshape(-1, self.packed_scales.shape[1]), self.group_size)[pick]
+        return ternary_values(t, s, self.group_size)
 
     def kernel_handle(self):
         return self._edgelm_kernel(3, self.packed, self.packed_scales) if self.layout == "tiles" else None
